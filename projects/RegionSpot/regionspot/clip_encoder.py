@@ -1,0 +1,142 @@
+"""Frozen CLIP: the image token map RegionSpot attends to, and the text encoder.
+
+The token map is the output of the vision tower's last transformer block (class token included,
+before ``ln_post`` and the projection). We run the tower's own submodules, so the `clip` package
+is used as published; only the positional embedding is interpolated when the input size differs
+from the checkpoint's.
+"""
+import math
+import os
+import warnings
+from typing import Dict, Tuple
+
+import clip
+import torch
+import torch.nn.functional as F
+from clip.model import CLIP
+from torch import nn
+
+from .weights import resolve_weights
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Architectures for *random* initialisation only (benchmarks); real weights carry their own
+# shapes. Values are those of OpenAI's released models:
+# (embed_dim, image_resolution, vision_layers, vision_width, patch, text_width, text_heads, text_layers)
+_RANDOM_ARCHS: Dict[str, Tuple[int, ...]] = {
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12, 12),
+    # Small enough for CPU unit tests; widths are multiples of 64 because CLIP derives its
+    # head counts as width // 64.
+    "tiny": (32, 64, 1, 64, 16, 64, 1, 1),
+}
+
+
+def available_clip_models() -> Tuple[str, ...]:
+    return tuple(sorted(set(clip.available_models()) | set(_RANDOM_ARCHS)))
+
+
+def _build_random_clip(name: str) -> CLIP:
+    embed, res, vl, vw, patch, tw, th, tl = _RANDOM_ARCHS[name]
+    return CLIP(embed, res, vl, vw, patch, 77, 49408, tw, th, tl)
+
+
+def build_clip(name: str, checkpoint: str = "", download_root: str = "") -> CLIP:
+    """Build frozen CLIP in fp32 on the CPU.
+
+    Args:
+        name: a `clip` package model name, or "tiny".
+        checkpoint: "" = download `name` through the clip package; "random" = random init;
+            otherwise a local path or http(s) URL of an OpenAI-format CLIP file.
+        download_root: cache folder for downloads by name ("" = the clip package default).
+    """
+    if name not in available_clip_models():
+        raise ValueError(
+            f"Unknown CLIP model {name!r} (MODEL.REGIONSPOT.CLIP.NAME); "
+            f"choose one of {available_clip_models()}."
+        )
+    if checkpoint == "random" or (checkpoint == "" and name == "tiny"):
+        if name not in _RANDOM_ARCHS:
+            raise ValueError(f"No architecture is known for a random {name!r} CLIP.")
+        return _build_random_clip(name).float().eval()
+    if checkpoint == "":
+        root = os.path.expanduser(download_root) if download_root else None
+        model, _ = clip.load(name, device="cpu", jit=False, download_root=root)
+        return model.float().eval()
+    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not a JIT archive, loading as a state dict"
+            model, _ = clip.load(local, device="cpu", jit=False)
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        raise RuntimeError(
+            f"The CLIP checkpoint {local} is corrupt, truncated or not an OpenAI-format CLIP "
+            f"file ({type(e).__name__}: {e})."
+        ) from e
+    return model.float().eval()
+
+
+class ClipImageTextEncoder(nn.Module):
+    """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings."""
+
+    def __init__(self, clip_model: CLIP, input_size: int = 224):
+        super().__init__()
+        self.clip_model = clip_model
+        self.input_size = int(input_size)
+        visual = clip_model.visual
+        patch = visual.conv1.kernel_size[0]
+        if self.input_size % patch:
+            raise ValueError(f"CLIP input size {self.input_size} is not a multiple of its patch size {patch}.")
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def width(self) -> int:
+        return self.clip_model.visual.conv1.out_channels
+
+    @property
+    def text_dim(self) -> int:
+        return self.clip_model.text_projection.shape[1]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip_model.logit_scale.exp()
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) RGB in [0, 255] -> (3, S, S) normalised: the whole image squashed to a square."""
+        x = F.interpolate(
+            image[None].float(), (self.input_size, self.input_size), mode="bicubic",
+            align_corners=False, antialias=True,
+        )
+        return ((x - self.pixel_mean) / self.pixel_std)[0]
+
+    def _positional_embedding(self, grid: int) -> torch.Tensor:
+        pos = self.clip_model.visual.positional_embedding
+        old = int(round(math.sqrt(pos.shape[0] - 1)))
+        if old == grid:
+            return pos
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        patch_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), (grid, grid), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
+        return torch.cat([cls_pos, patch_pos])
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, 1 + (S/p)^2, W) token map."""
+        visual = self.clip_model.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positional_embedding(grid).to(x.dtype)
+        x = visual.ln_pre(x)
+        x = visual.transformer(x.permute(1, 0, 2))  # the clip package's blocks are sequence-first
+        return x.permute(1, 0, 2)
+
+    def encode_text(self, prompts) -> torch.Tensor:
+        """A list of strings -> (N, D) L2-normalised text embeddings."""
+        tokens = clip.tokenize(list(prompts), truncate=True).to(self.pixel_mean.device)
+        return F.normalize(self.clip_model.encode_text(tokens).float(), dim=-1)

@@ -1,0 +1,78 @@
+"""Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
+from detectron2.config import CfgNode as CN
+
+
+def add_regionspot_config(cfg: CN) -> None:
+    """Add RegionSpot's keys (with their defaults) to a detectron2 config, in place."""
+    cfg.MODEL.META_ARCHITECTURE = "RegionSpot"
+    # RegionSpot preprocesses on the device itself (SAM and CLIP each need their own resize),
+    # so the loaders hand it the image at its original size, in RGB.
+    cfg.INPUT.FORMAT = "RGB"
+
+    _C = cfg.MODEL.REGIONSPOT = CN()
+
+    _C.SAM = CN()
+    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small random SAM for tests and the quickstart).
+    _C.SAM.TYPE = "vit_b"
+    # Local path or http(s) URL (downloaded once, cached by iopath). "" = the official
+    # checkpoint of SAM.TYPE, "random" = random init (benchmarks, tests).
+    _C.SAM.CHECKPOINT = ""
+    # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
+    _C.SAM.DECODE_CHUNK = 64
+
+    _C.CLIP = CN()
+    # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".
+    _C.CLIP.NAME = "ViT-B/16"
+    # Local path or http(s) URL of an OpenAI-format CLIP file. "" = download CLIP.NAME through
+    # the clip package (cached in CLIP.DOWNLOAD_ROOT), "random" = random init.
+    _C.CLIP.CHECKPOINT = ""
+    _C.CLIP.DOWNLOAD_ROOT = ""
+    # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
+    _C.CLIP.INPUT_SIZE = 224
+
+    # Mixed precision for the frozen encoders: "" (fp32), "bf16" or "fp16". The head stays fp32.
+    _C.AUTOCAST = ""
+
+    _C.HEAD = CN()
+    _C.HEAD.NUM_LAYERS = 3
+    _C.HEAD.NUM_HEADS = 8
+    _C.HEAD.DIM_FEEDFORWARD = 2048
+    _C.HEAD.DROPOUT = 0.1
+
+    _C.TEXT = CN()
+    # "ensemble" = the 80 CLIP ImageNet templates plus "{}."; "single" = "a photo of a {}."
+    _C.TEXT.TEMPLATES = "ensemble"
+    # Where text embeddings are cached. "" = $REGIONSPOT_CACHE or ~/.cache/regionspot.
+    _C.TEXT.CACHE_DIR = ""
+    # Prompts per text-encoder call: bounds memory for large vocabularies.
+    _C.TEXT.CHUNK_SIZE = 256
+
+    # Vocabulary when an input names none: "" = the evaluated/trained dataset's thing_classes,
+    # "lvis", "coco", a registered dataset name, "custom" (CUSTOM_VOCABULARY), or the path of an
+    # embedding file made by tools/dump_text_embeddings.py.
+    _C.VOCABULARY = ""
+    _C.CUSTOM_VOCABULARY = []
+
+    # Where box prompts come from at inference: "gt" (the dataset's boxes), "proposals"
+    # (DATASETS.PROPOSAL_FILES_TEST) or "sam_auto" (SAM's automatic mask generator).
+    _C.PROMPT = "gt"
+    # Multiply class probabilities by the proposal's own score when it has one.
+    _C.USE_PROPOSAL_SCORE = True
+    # An image with no entry in the proposals file: "error" or "empty" (no prompts, no detections).
+    _C.MISSING_PROPOSALS = "error"
+    # Box layout of per-image {boxes, scores, labels} JSON files (GLIP style): XYXY or XYWH.
+    _C.PROPOSAL_BOX_MODE = "XYXY"
+    # (box, class) pairs kept per image; LVIS allows 300.
+    _C.MAX_DETS_PER_IMAGE = 300
+    # Predict masks with SAM (needed for segm evaluation).
+    _C.MASK_ON = True
+
+    # Training: gradient-norm clipping over the whole (trainable) model; 0 disables it.
+    # The optimizer is AdamW with SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY.
+    _C.GRAD_CLIP_NORM = 1.0
+
+    _C.SAM_AUTO = CN()
+    _C.SAM_AUTO.POINTS_PER_SIDE = 32
+    _C.SAM_AUTO.PRED_IOU_THRESH = 0.88
+    _C.SAM_AUTO.STABILITY_SCORE_THRESH = 0.95
+    _C.SAM_AUTO.MIN_MASK_REGION_AREA = 0

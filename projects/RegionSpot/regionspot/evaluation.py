@@ -1,0 +1,81 @@
+"""Evaluators: detectron2's LVIS and COCO evaluators, fed RegionSpot's shared masks efficiently."""
+import os
+from typing import List, Optional
+
+import numpy as np
+import pycocotools.mask as mask_util
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.structures import BoxMode
+
+from .structures import IndexedMasks
+
+
+def patch_lvis_for_numpy2() -> None:
+    """lvis 0.5.3 (the latest release) calls `np.float`, which NumPy 1.24 removed.
+
+    This is the one place that works around it: restore the alias to the builtin `float`,
+    which is exactly what `np.float` was. Pinning numpy<1.24 instead would drag old matplotlib,
+    contourpy and opencv along.
+    """
+    if not hasattr(np, "float"):
+        np.float = float  # type: ignore[attr-defined]
+
+
+def instances_to_json(instances, img_id: int) -> List[dict]:
+    """Like detectron2's `instances_to_coco_json`, but a mask shared by several detections
+    (one box, several classes) is RLE-encoded once."""
+    masks = instances.get("pred_masks") if instances.has("pred_masks") else None
+    if not isinstance(masks, IndexedMasks) or len(instances) == 0:
+        return instances_to_coco_json(instances, img_id)
+    boxes = BoxMode.convert(instances.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
+    rles = mask_util.encode(np.asfortranarray(masks.masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("utf-8")
+    return [
+        {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "segmentation": rles[i]}
+        for b, s, c, i in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist(),
+                              masks.index.tolist())
+    ]
+
+
+class _SharedMaskProcess:
+    """Overrides `process` of detectron2's COCO/LVIS evaluators to use `instances_to_json`."""
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            prediction = {"image_id": inp["image_id"]}
+            if "instances" in out:
+                instances = out["instances"].to(self._cpu_device)
+                prediction["instances"] = instances_to_json(instances, inp["image_id"])
+            if len(prediction) > 1:
+                self._predictions.append(prediction)
+
+
+class RegionSpotLVISEvaluator(_SharedMaskProcess, LVISEvaluator):
+    def evaluate(self):
+        patch_lvis_for_numpy2()
+        return super().evaluate()
+
+
+class RegionSpotCOCOEvaluator(_SharedMaskProcess, COCOEvaluator):
+    pass
+
+
+def build_regionspot_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
+    """LVIS-format data -> LVISEvaluator, COCO-format -> COCOEvaluator; bbox, plus segm with masks."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    tasks = ("bbox", "segm") if cfg.MODEL.REGIONSPOT.MASK_ON else ("bbox",)
+    max_dets = cfg.MODEL.REGIONSPOT.MAX_DETS_PER_IMAGE
+    if evaluator_type == "lvis":
+        return RegionSpotLVISEvaluator(dataset_name, tasks, True, output_folder, max_dets_per_image=max_dets)
+    if evaluator_type == "coco":
+        return RegionSpotCOCOEvaluator(
+            dataset_name, tasks, True, output_folder, max_dets_per_image=max_dets,
+        )
+    raise NotImplementedError(
+        f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
+        "RegionSpot evaluates LVIS- and COCO-format datasets."
+    )

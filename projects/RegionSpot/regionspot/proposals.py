@@ -1,0 +1,112 @@
+"""External box proposals for RegionSpot's "proposals" prompt source.
+
+Three file formats are read, chosen by content:
+- detectron2 proposal pickles (``ids``, ``boxes``, ``objectness_logits``, optional ``bbox_mode``);
+- COCO-style results JSON: a list of ``{"image_id", "bbox": [x, y, w, h], "score"}``;
+- per-image JSON as in the released GLIP-T boxes: ``{image_id: {"boxes", "scores", "labels"}}``
+  or a list of ``{"image_id", "boxes", "scores", "labels"}``; boxes XYXY unless told otherwise.
+Proposals land in the dataset dicts under detectron2's keys, so `DatasetMapper` handles them.
+"""
+import json
+import logging
+import pickle
+from collections import defaultdict
+from typing import Dict, List, Tuple
+
+import numpy as np
+from detectron2.data import load_proposals_into_dataset
+from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
+
+logger = logging.getLogger(__name__)
+_EPS = 1e-6
+
+
+def _to_logits(scores: np.ndarray) -> np.ndarray:
+    # detectron2 carries proposal scores as objectness logits; the model applies a sigmoid.
+    p = np.clip(scores.astype(np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """image id (as str) -> (boxes (N, 4) XYXY_ABS float32, scores (N,) float32)."""
+    with PathManager.open(path, "r") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Proposal file {path} is not valid JSON: {e}") from e
+    per_image: Dict[str, Tuple[list, list]] = defaultdict(lambda: ([], []))
+    mode = {"XYXY": BoxMode.XYXY_ABS, "XYWH": BoxMode.XYWH_ABS}[box_mode]
+    if isinstance(data, dict):
+        data = [dict(v, image_id=k) for k, v in data.items()]
+    if not isinstance(data, list):
+        raise ValueError(f"Proposal file {path}: expected a list or a dict at the top level.")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or "image_id" not in rec:
+            raise ValueError(f"Proposal file {path}: entry {i} has no 'image_id'.")
+        boxes, scores = per_image[str(rec["image_id"])]
+        if "bbox" in rec:  # COCO results: one box per entry, XYWH
+            boxes.append(BoxMode.convert(list(rec["bbox"]), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+            scores.append(rec.get("score", 1.0))
+        elif "boxes" in rec:
+            b = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
+            b = BoxMode.convert(b, mode, BoxMode.XYXY_ABS)
+            boxes.extend(b.tolist())
+            scores.extend(rec.get("scores", [1.0] * len(b)))
+        else:
+            raise ValueError(f"Proposal file {path}: entry {i} has neither 'bbox' nor 'boxes'.")
+    return {
+        k: (np.asarray(b, dtype=np.float32).reshape(-1, 4), np.asarray(s, dtype=np.float32))
+        for k, (b, s) in per_image.items()
+    }
+
+
+def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error",
+                     box_mode: str = "XYXY") -> List[Dict]:
+    """Add proposals from `path` to each dataset dict (in place; also returned).
+
+    Args:
+        missing: what to do with an image the file has no entry for: "error" (raise, naming
+            the image and the file) or "empty" (the image gets no proposals, hence no detections).
+    """
+    if missing not in ("error", "empty"):
+        raise ValueError(f"MODEL.REGIONSPOT.MISSING_PROPOSALS must be 'error' or 'empty', not {missing!r}.")
+    if path.endswith(".pkl"):
+        with PathManager.open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+        # Read once here to report missing images by name; detectron2's loader reads it again.
+        ids = {str(i) for i in data.get("ids", data.get("indexes", []))}
+        del data
+        have = [d for d in dataset_dicts if str(d["image_id"]) in ids]
+        lacking = [d for d in dataset_dicts if str(d["image_id"]) not in ids]
+        if lacking and missing == "error":
+            _raise_missing(lacking, path)
+        load_proposals_into_dataset(have, path)
+    else:
+        table = read_json_proposals(path, box_mode)
+        lacking = [d for d in dataset_dicts if str(d["image_id"]) not in table]
+        if lacking and missing == "error":
+            _raise_missing(lacking, path)
+        for d in dataset_dicts:
+            if str(d["image_id"]) not in table:
+                continue
+            boxes, scores = table[str(d["image_id"])]
+            order = np.argsort(-scores, kind="stable")
+            d["proposal_boxes"] = boxes[order]
+            d["proposal_objectness_logits"] = _to_logits(scores[order])
+            d["proposal_bbox_mode"] = BoxMode.XYXY_ABS
+    for d in lacking:
+        d["proposal_boxes"] = np.zeros((0, 4), dtype=np.float32)
+        d["proposal_objectness_logits"] = np.zeros((0,), dtype=np.float64)
+        d["proposal_bbox_mode"] = BoxMode.XYXY_ABS
+    if lacking:
+        logger.warning(f"{len(lacking)} images have no entry in {path}; they get no detections.")
+    return dataset_dicts
+
+
+def _raise_missing(lacking: List[Dict], path: str) -> None:
+    names = [f"{d['image_id']} ({d.get('file_name', '?')})" for d in lacking[:5]]
+    raise KeyError(
+        f"Proposal file {path} has no entry for {len(lacking)} images, e.g. {names}. Set "
+        "MODEL.REGIONSPOT.MISSING_PROPOSALS=empty to give such images no detections instead."
+    )

@@ -1,0 +1,159 @@
+"""Frozen SAM: image embeddings, and per box prompt a position-aware region token and a mask.
+
+The region token is the mask decoder's first output mask token (the one SAM uses with
+``multimask_output=False``). We read it with a forward hook on ``mask_decoder.transformer``,
+so the `segment_anything` package is used exactly as published.
+"""
+from functools import partial
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
+
+from .weights import load_weights_file
+
+SAM_CHECKPOINT_URLS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+
+
+def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
+    """A small SAM built from the package's own classes, for tests and the offline quickstart."""
+    patch = 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size, patch_size=patch, embed_dim=32, depth=1, num_heads=2,
+            mlp_ratio=2.0, out_chans=dim, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=False,
+            window_size=0, global_attn_indexes=(0,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(image_size // patch, image_size // patch),
+            input_image_size=(image_size, image_size), mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
+def build_sam(sam_type: str, checkpoint: str = "") -> Sam:
+    """Build SAM of `sam_type` and load `checkpoint` ("" = official, "random" = random init)."""
+    if sam_type not in SAM_TYPES:
+        raise ValueError(
+            f"Unknown SAM type {sam_type!r} (MODEL.REGIONSPOT.SAM.TYPE); choose one of {SAM_TYPES}."
+        )
+    sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if checkpoint == "" and sam_type != "tiny":
+        checkpoint = SAM_CHECKPOINT_URLS[sam_type]
+    if checkpoint not in ("", "random"):
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint")
+        state = state.get("model", state)
+        missing, unexpected = sam.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"SAM checkpoint {checkpoint} does not fit SAM type {sam_type!r}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+            )
+    return sam
+
+
+class SamRegionEncoder(nn.Module):
+    """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
+
+    def __init__(self, sam: Sam, decode_chunk: int = 64):
+        super().__init__()
+        self.sam = sam
+        self.decode_chunk = max(1, int(decode_chunk))
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self._captured: List[torch.Tensor] = []
+        self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
+        sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
+
+    def _capture_tokens(self, module, inputs, outputs) -> None:
+        # outputs = (tokens after the two-way transformer, image features); token 0 is the IoU
+        # token, token 1 the first mask token.
+        if self._capturing:
+            self._captured.append(outputs[0][:, 1, :])
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.sam.mask_decoder.transformer_dim
+
+    def preprocess(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(3, H, W) RGB image, any dtype in [0, 255] -> (normalised padded input, resized size)."""
+        h, w = image.shape[-2:]
+        newh, neww = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
+        x = F.interpolate(
+            image[None].float(), (newh, neww), mode="bilinear", align_corners=False, antialias=True
+        )
+        return self.sam.preprocess(x)[0], (newh, neww)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings."""
+        return self.sam.image_encoder(images)
+
+    def decode_boxes(
+        self, embedding: torch.Tensor, boxes: torch.Tensor, original_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode boxes (N, 4, XYXY in original pixels) of one image, in chunks.
+
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
+        """
+        boxes = self.transform.apply_boxes_torch(boxes.float(), original_size)
+        tokens, masks = [], []
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()
+        for chunk in boxes.split(self.decode_chunk):
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
+            self._captured.clear()
+            self._capturing = True
+            try:
+                low_res, _ = self.sam.mask_decoder(
+                    image_embeddings=embedding[None],
+                    image_pe=dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+            finally:
+                self._capturing = False
+            tokens.append(self._captured.pop())
+            masks.append(low_res)
+        if not tokens:
+            c = self.token_dim
+            n = self.image_size // 4
+            return embedding.new_zeros((0, c)), embedding.new_zeros((0, 1, n, n))
+        return torch.cat(tokens), torch.cat(masks)
+
+    def paste_masks(
+        self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size."""
+        if low_res.shape[0] == 0:
+            return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
+        masks = self.sam.postprocess_masks(low_res.float(), input_size, original_size)
+        return masks[:, 0] > self.sam.mask_threshold

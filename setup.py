@@ -1,0 +1,23 @@
+"""Installs the `regionspot` package from projects/RegionSpot."""
+from setuptools import find_packages, setup
+
+setup(
+    name="regionspot",
+    version="0.1.0",
+    description="RegionSpot: recognize any region with frozen SAM + CLIP, as a detectron2 extension",
+    package_dir={"": "projects/RegionSpot"},
+    packages=find_packages("projects/RegionSpot"),
+    python_requires=">=3.9",
+    # detectron2 is deliberately not listed: it has no usable PyPI release
+    # (see README, "Installing detectron2"); tools/setup_env.sh installs it.
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "segment-anything",
+        "fvcore",
+        "iopath",
+        "pycocotools",
+        "lvis",
+        "tqdm",
+    ],
+)

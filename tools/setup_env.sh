@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv in .venv with the pinned stack.
+#
+# Why a script: detectron2 has no usable PyPI distribution for Python 3.11
+# (see README "Installing detectron2"), so a plain `pip install -e .` is not
+# enough on a machine without GitHub access. This script is idempotent: when
+# .venv already imports everything it returns at once.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${REGIONSPOT_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.regionspot-env-v1"
+
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis" 2>/dev/null; then
+  exit 0
+fi
+
+echo "[setup_env] creating $VENV (a few minutes on first run)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --progress-bar off)
+"${PIP[@]}" --upgrade pip wheel "setuptools>=77.0.3,<81"
+# Pin both: an unpinned torch may pull a newer multi-GB CUDA build.
+"${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+
+if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
+  # Fallback route: upstream detectron2 0.7.2 re-uploaded as sal-detectron2 (a
+  # cp310 wheel whose Python sources are version independent). We install it
+  # without deps and add its run-time needs ourselves. A user who installed
+  # detectron2 from source never reaches this branch.
+  WHEELDIR="$(mktemp -d)"
+  "$VENV/bin/python" -m pip download --quiet --no-deps --only-binary=:all: \
+      --python-version 3.10 -d "$WHEELDIR" sal-detectron2==0.7.2
+  cp "$WHEELDIR"/sal_detectron2-0.7.2-cp310-none-any.whl "$WHEELDIR"/sal_detectron2-0.7.2-py3-none-any.whl
+  "${PIP[@]}" --no-deps "$WHEELDIR"/sal_detectron2-0.7.2-py3-none-any.whl
+  rm -rf "$WHEELDIR"
+fi
+"${PIP[@]}" pycocotools matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard \
+    "omegaconf>=2.1,<2.4" "hydra-core>=1.1" fvcore iopath opencv-python-headless \
+    segment-anything==1.0 openai-clip==1.0.1 lvis==0.5.3 ftfy regex pytest
+"${PIP[@]}" --no-deps -e "$ROOT"
+touch "$STAMP"
+echo "[setup_env] ready: $VENV" >&2
