@@ -67,6 +67,16 @@ def add_regionspot_config(cfg: CN) -> None:
     # Predict masks with SAM (needed for segm evaluation).
     _C.MASK_ON = True
 
+    # Training. Region tokens come from SAM run inside each step on the augmented image
+    # ("online", exact under any augmentation) or from tools/extract_sam_tokens.py's cache
+    # ("cached": no SAM in training; augmentations limited to resizes and box-dropping crops).
+    _C.TOKEN_MODE = "online"
+    # Root of the token cache ("" = $REGIONSPOT_CACHE/sam_tokens); files are under <dataset>/<SAM type>/.
+    _C.TOKEN_CACHE_DIR = ""
+    # Sampling ratio of each DATASETS.TRAIN entry; every batch comes from one dataset. [] = equal.
+    _C.DATASET_RATIOS = []
+    # Metric that picks the best checkpoint during training (EvalHook + BestCheckpointer).
+    _C.BEST_METRIC = "bbox/AP"
     # Training: gradient-norm clipping over the whole (trainable) model; 0 disables it.
     # The optimizer is AdamW with SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY.
     _C.GRAD_CLIP_NORM = 1.0

@@ -1,59 +1,119 @@
-"""Dataset mapper that keeps what RegionSpot needs at test time: gt boxes and proposals."""
+"""Dataset mapper that keeps what RegionSpot needs: gt boxes at test time, cached SAM tokens in training."""
 import copy
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
+
+from .token_cache import load_tokens, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
 
+# Transforms under which a cached SAM token still describes the same image content at its box.
+_TOKEN_SAFE_TRANSFORMS = (T.ResizeTransform, T.CropTransform, T.NoOpTransform, T.ScaleTransform)
+
 
 class RegionSpotDatasetMapper(DatasetMapper):
-    """detectron2's `DatasetMapper`, with three differences:
+    """detectron2's `DatasetMapper`, with these differences:
 
     - ground-truth instances are kept at test time too (they are the box prompts of GT-box
       evaluation, which the original code dropped and then crashed on);
-    - each output names its vocabulary (the dataset's, unless the config fixes one), so one
-      model serves datasets with different class lists;
+    - each output names its vocabulary (the dataset's, unless the config fixes one at test time),
+      so one model serves datasets with different class lists;
+    - with a token folder (cached training), boxes, classes and SAM tokens come together from the
+      cache; only resizes and crops are allowed, and a crop drops every box it cuts together with
+      its token, so tokens and the image CLIP sees never disagree;
     - an unreadable image raises an error that names the file.
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, vocabulary: str = "", **kwargs):
+    def __init__(self, is_train: bool, *, vocabulary: str = "", token_folder: Optional[str] = None, **kwargs):
         """
         Args:
-            is_train: whether the outputs feed training (only changes logging here; gt
-                instances are always kept).
+            is_train: whether the outputs feed training (gt instances are kept either way).
             vocabulary: vocabulary spec written into every output as "vocabulary".
+            token_folder: folder of cached SAM tokens of this dataset (cached training), or None.
             kwargs: as for :class:`detectron2.data.DatasetMapper`.
         """
         # The parent drops annotations when is_train=False; we always want them.
         super().__init__(True, **kwargs)
         self.training = is_train
         self.vocabulary = vocabulary
+        self.token_folder = token_folder
+        if token_folder is not None:
+            for aug in self.augmentations.augs:
+                if isinstance(aug, T.RandomFlip):
+                    raise ValueError(
+                        "Cached SAM tokens cannot follow a flip (MODEL.REGIONSPOT.TOKEN_MODE='cached'): set "
+                        "INPUT.RANDOM_FLIP to 'none', or use TOKEN_MODE 'online' where SAM sees the flipped image."
+                    )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_name: str = ""):
         ret = super().from_config(cfg, is_train)
+        c = cfg.MODEL.REGIONSPOT
         if not is_train:
             # RegionSpot resizes on the device for SAM and CLIP: test images stay at full size.
             ret["augmentations"] = []
-        if cfg.MODEL.REGIONSPOT.PROMPT == "proposals" and not is_train:
+        if c.PROMPT == "proposals" and not is_train:
             ret["precomputed_proposal_topk"] = cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST
         ret["use_instance_mask"] = False
         ret["recompute_boxes"] = False
-        ret["vocabulary"] = cfg.MODEL.REGIONSPOT.VOCABULARY or dataset_name
+        # Training always uses the dataset's own classes; evaluation may fix a vocabulary.
+        ret["vocabulary"] = dataset_name if is_train else (c.VOCABULARY or dataset_name)
+        if is_train and c.TOKEN_MODE == "cached":
+            ret["token_folder"] = token_cache_folder(c.TOKEN_CACHE_DIR, dataset_name, c.SAM.TYPE)
+        elif c.TOKEN_MODE not in ("online", "cached"):
+            raise ValueError(f"MODEL.REGIONSPOT.TOKEN_MODE must be 'online' or 'cached', not {c.TOKEN_MODE!r}.")
         return ret
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
+    def _read_image(self, dataset_dict: Dict) -> np.ndarray:
         try:
-            out = super().__call__(dataset_dict)
+            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         except (OSError, ValueError) as e:
             raise type(e)(f"Cannot read image {dataset_dict.get('file_name')!r}: {e}") from e
+        utils.check_image_size(dataset_dict, image)
+        return image
+
+    def _call_cached(self, dataset_dict: Dict) -> Dict:
+        d = copy.deepcopy(dataset_dict)
+        d.pop("annotations", None)
+        cache = load_tokens(token_file(self.token_folder, d["image_id"]), d["image_id"])
+        aug_input = T.AugInput(self._read_image(d))
+        transforms = self.augmentations(aug_input)
+        unsafe = [t for t in transforms.transforms if not isinstance(t, _TOKEN_SAFE_TRANSFORMS)]
+        if unsafe:
+            raise ValueError(f"Augmentations {unsafe} would desynchronise cached SAM tokens from the image.")
+        image = aug_input.image
+        h, w = image.shape[:2]
+        boxes = transforms.apply_box(cache["boxes"].numpy())
+        eps = 1e-3
+        inside = ((boxes[:, 0] >= -eps) & (boxes[:, 1] >= -eps) & (boxes[:, 2] <= w + eps) & (boxes[:, 3] <= h + eps)
+                  & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        inside_t = torch.from_numpy(inside)
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.as_tensor(boxes[inside], dtype=torch.float32))
+        instances.gt_boxes.clip((h, w))
+        instances.gt_classes = cache["classes"][inside_t]
+        d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        d["instances"] = instances
+        d["sam_tokens"] = cache["tokens"][inside_t]
+        return d
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        if self.token_folder is not None:
+            out = self._call_cached(dataset_dict)
+        else:
+            try:
+                out = super().__call__(dataset_dict)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"Cannot read image {dataset_dict.get('file_name')!r}: {e}") from e
         if self.vocabulary:
             out["vocabulary"] = self.vocabulary
         return out

@@ -368,7 +368,9 @@ class RegionSpot(nn.Module):
             clip_tokens = self.clip_encoder.encode_image_tokens(clip_in).float()
         tokens = self.region_tokens_for_training(batched_inputs, images, sam_emb)
         region_emb = self.embed_regions(tokens, clip_tokens)
-        total = region_emb[0].new_zeros(())
+        # A zero that touches every head parameter: keeps backward (and DDP's reducer) valid for
+        # a batch whose crops dropped every box.
+        total = sum(p.sum() for p in self.head.parameters()) * 0.0
         for x, emb in zip(batched_inputs, region_emb):
             _, text_emb = self.text_embeddings(x.get("vocabulary"))
             logits = self.classify(emb, text_emb)

@@ -124,11 +124,44 @@ class SamRegionEncoder(nn.Module):
 
         Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
         """
-        boxes = self.transform.apply_boxes_torch(boxes.float(), original_size)
+        return self.decode_prompts(embedding, original_size, boxes=boxes)
+
+    def decode_prompts(
+        self,
+        embedding: torch.Tensor,
+        original_size: Tuple[int, int],
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode N region prompts of one image, in chunks: boxes, point sets, or both per region.
+
+        Args:
+            embedding: (C, h, w) SAM image embedding of the image.
+            original_size: (H, W) of the image the prompts' pixel coordinates refer to.
+            boxes: (N, 4) XYXY boxes, or None.
+            points: (N, P, 2) XY points, P per region, or None.
+            point_labels: (N, P) SAM point labels: 1 foreground, 0 background, -1 padding.
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w), as
+        `SamPredictor.predict_torch(..., multimask_output=False)` would give them.
+        """
+        if points is not None and point_labels is None:
+            raise ValueError("Point prompts need point_labels (1 = foreground, 0 = background).")
+        if boxes is not None:
+            boxes = self.transform.apply_boxes_torch(boxes.float(), original_size)
+        if points is not None:
+            points = self.transform.apply_coords_torch(points.float(), original_size)
+            point_labels = point_labels.to(device=points.device, dtype=torch.int)
+        num = boxes.shape[0] if boxes is not None else (points.shape[0] if points is not None else 0)
         tokens, masks = [], []
         dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        for chunk in boxes.split(self.decode_chunk):
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=chunk, masks=None)
+        for start in range(0, num, self.decode_chunk):
+            chunk = slice(start, start + self.decode_chunk)
+            sparse, dense = self.sam.prompt_encoder(
+                points=(points[chunk], point_labels[chunk]) if points is not None else None,
+                boxes=boxes[chunk] if boxes is not None else None,
+                masks=None,
+            )
             self._captured.clear()
             self._capturing = True
             try:

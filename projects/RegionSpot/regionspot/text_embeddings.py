@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -103,6 +103,102 @@ def vocabulary_names(spec: str, custom: Sequence[str] = ()) -> List[str]:
     return check_vocabulary(MetadataCatalog.get(dataset).get("thing_classes", []), f"dataset {dataset!r}")
 
 
+def synonym_groups(names: Sequence[str], synonyms: Sequence[Sequence[str]]) -> List[List[str]]:
+    """Per class: its name, then its other synonyms (each once, in order)."""
+    groups = []
+    for name, syns in zip(names, synonyms):
+        group = [name]
+        for s in syns:
+            if s not in group:
+                group.append(s)
+        groups.append(group)
+    return groups
+
+
+def vocabulary_synonyms(spec: str) -> List[List[str]]:
+    """Synonym groups (see `synonym_groups`) of a dataset vocabulary, in its class order.
+
+    LVIS v1 ("lvis" or a dataset with its classes) takes them from detectron2's copy of the
+    LVIS categories; other datasets from the "synonyms" of the categories in their json file.
+    """
+    names = vocabulary_names(spec)
+    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+    lvis = sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
+    if names == [c["synonyms"][0] for c in lvis]:
+        return synonym_groups(names, [c["synonyms"] for c in lvis])
+    dataset = BUILTIN_VOCABULARIES.get(spec, spec)
+    json_file = MetadataCatalog.get(dataset).get("json_file", None)
+    if json_file and not os.path.exists(json_file) and dataset in DatasetCatalog.list():
+        try:  # some datasets (e.g. the synthetic ones) write their json on first load
+            DatasetCatalog.get(dataset)
+        except OSError:
+            pass  # its files are not there: reported below
+    if not json_file or not os.path.exists(json_file):
+        raise ValueError(f"Vocabulary {spec!r} has no synonyms: its dataset has no json file with categories.")
+    with open(json_file) as f:
+        categories = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
+    by_name = {c.get("name"): c.get("synonyms") or [] for c in categories}
+    if not any(by_name.values()) or any(n not in by_name for n in names):
+        raise ValueError(f"Vocabulary {spec!r} has no synonyms for its classes in {json_file}.")
+    return synonym_groups(names, [by_name[n] for n in names])
+
+
+def parse_vocabulary(items: Sequence, source: str) -> Tuple[List[str], Optional[List[List[str]]]]:
+    """Names and synonym groups (None if no item has synonyms) from a list of class entries.
+
+    An entry is a name, or a list whose first element is the name and the others its synonyms.
+    """
+    names, groups = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            group = [item]
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(s, str) for s in item):
+            group = list(item)
+        else:
+            raise ValueError(f"Class {i} of the vocabulary from {source} must be a name or a non-empty "
+                             f"list of names (name first, then synonyms), not {item!r}.")
+        names.append(group[0])
+        groups.append(synonym_groups([group[0]], [group[1:]])[0])
+    names = check_vocabulary(names, source)
+    return names, (groups if any(len(g) > 1 for g in groups) else None)
+
+
+def read_vocabulary_file(path: str) -> Tuple[List[str], Optional[List[List[str]]]]:
+    """Class names and synonym groups (or None) from a vocabulary file.
+
+    Text: one class per line, ``name | synonym | ...``; blank lines and ``#`` comments are skipped.
+    JSON: a list of names or of [name, synonym, ...] lists; a {name: [synonyms]} dict; or a
+    COCO/LVIS-style dict with "categories" (ordered by id; their "synonyms" are used).
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Vocabulary file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"Cannot read the vocabulary file {path}: {e}") from e
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Vocabulary file {path} is not valid JSON: {e}") from e
+        if isinstance(data, dict) and "categories" in data:
+            cats = sorted(data["categories"], key=lambda c: c["id"])
+            data = [[c["name"], *(c.get("synonyms") or [])] for c in cats]
+        elif isinstance(data, dict):
+            data = [[k, *(v if isinstance(v, list) else [v])] for k, v in data.items()]
+        if not isinstance(data, list):
+            raise ValueError(f"Vocabulary file {path} must hold a list, a dict of synonyms or categories.")
+        return parse_vocabulary(data, f"file {path}")
+    items = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            items.append([s.strip() for s in line.split("|") if s.strip()])
+    return parse_vocabulary(items, f"file {path}")
+
+
 def clip_fingerprint(clip_model: torch.nn.Module) -> str:
     """A short digest of the text tower's weights: tells CLIP models apart without hashing them all."""
     h = hashlib.sha256()
@@ -112,8 +208,12 @@ def clip_fingerprint(clip_model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(fingerprint: str, names: Sequence[str], templates: Sequence[str]) -> str:
-    blob = json.dumps([fingerprint, list(names), list(templates)], ensure_ascii=False)
+def cache_key(fingerprint: str, names: Sequence[str], templates: Sequence[str],
+              synonyms: Optional[Sequence[Sequence[str]]] = None) -> str:
+    parts = [fingerprint, list(names), list(templates)]
+    if synonyms is not None:  # only then: keys of plain vocabularies stay as they were
+        parts.append([list(g) for g in synonyms])
+    blob = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
@@ -122,12 +222,18 @@ def default_cache_dir() -> str:
 
 
 def save_embedding_file(path: str, names: Sequence[str], embeddings: torch.Tensor,
-                        fingerprint: str, templates: Sequence[str]) -> None:
-    """Write an embedding file atomically: readers never see a half-written file."""
+                        fingerprint: str, templates: Sequence[str],
+                        synonyms: Optional[Sequence[Sequence[str]]] = None) -> None:
+    """Write an embedding file atomically: readers never see a half-written file.
+
+    `synonyms`, when the embeddings average each class's synonyms, is recorded with them.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {"format": FILE_FORMAT, "clip": fingerprint, "names": list(names),
                "templates": list(templates), "embeddings": embeddings.detach().float().cpu()}
+    if synonyms is not None:
+        payload["synonyms"] = [list(g) for g in synonyms]
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
@@ -180,6 +286,25 @@ def encode_class_names(
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
+@torch.no_grad()
+def encode_synonym_groups(
+    encode_text: Callable[[List[str]], torch.Tensor],
+    groups: Sequence[Sequence[str]],
+    templates: Sequence[str],
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """One embedding per class: the mean of its synonyms' class embeddings, L2-normalised: (C, D).
+
+    Each synonym is embedded as `encode_class_names` embeds a name (template ensemble), so a
+    class with a single synonym gets exactly its name's embedding. Chunked like it, too.
+    """
+    flat = [s for g in groups for s in g]
+    owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long)
+    per_synonym = encode_class_names(encode_text, flat, templates, chunk_size)
+    summed = per_synonym.new_zeros((len(groups), per_synonym.shape[1])).index_add_(0, owner, per_synonym)
+    return torch.nn.functional.normalize(summed, dim=-1)
+
+
 def cached_class_embeddings(
     encode_text: Callable[[List[str]], torch.Tensor],
     fingerprint: str,
@@ -187,23 +312,37 @@ def cached_class_embeddings(
     templates: Sequence[str],
     cache_dir: str = "",
     chunk_size: int = 256,
+    synonyms: Optional[Sequence[Sequence[str]]] = None,
 ) -> torch.Tensor:
-    """`encode_class_names`, read from / written to the on-disk cache. A bad cache file is redone."""
+    """`encode_class_names`, read from / written to the on-disk cache. A bad cache file is redone.
+
+    With `synonyms` (one group per name, see `synonym_groups`) the classes are embedded by
+    `encode_synonym_groups` instead, and cached under their own key.
+    """
     cache_dir = cache_dir or default_cache_dir()
-    key = cache_key(fingerprint, names, templates)
+    if synonyms is not None:
+        synonyms = [list(g) for g in synonyms]
+        if len(synonyms) != len(names) or any(not g for g in synonyms):
+            raise ValueError(f"Need one non-empty synonym group per class name: {len(synonyms)} "
+                             f"groups for {len(names)} names.")
+    key = cache_key(fingerprint, names, templates, synonyms)
     path = os.path.join(cache_dir, "text", f"{key}.pth")
     if os.path.exists(path):
         try:
             payload = load_embedding_file(path, fingerprint)
-            if list(payload["names"]) == list(names) and list(payload["templates"]) == list(templates):
+            if (list(payload["names"]) == list(names) and list(payload["templates"]) == list(templates)
+                    and payload.get("synonyms") == synonyms):
                 return payload["embeddings"]
             logger.warning(f"Text-embedding cache {path} holds other names; encoding again.")
         except (RuntimeError, ValueError) as e:
             logger.warning(f"Ignoring unreadable text-embedding cache file ({e}); encoding again.")
     logger.info(f"Encoding {len(names)} class names x {len(templates)} templates (cache: {path}).")
-    emb = encode_class_names(encode_text, names, templates, chunk_size)
+    if synonyms is None:
+        emb = encode_class_names(encode_text, names, templates, chunk_size)
+    else:
+        emb = encode_synonym_groups(encode_text, synonyms, templates, chunk_size)
     try:
-        save_embedding_file(path, names, emb, fingerprint, templates)
+        save_embedding_file(path, names, emb, fingerprint, templates, synonyms)
     except OSError as e:
         logger.warning(f"Could not write the text-embedding cache {path}: {e}")
     return emb

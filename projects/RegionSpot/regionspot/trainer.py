@@ -1,22 +1,141 @@
 """`DefaultTrainer` for RegionSpot: only what differs from detectron2's defaults is overridden."""
+import contextlib
+import logging
+import os
 import weakref
+from typing import List, Sequence
 
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
+import numpy as np
+import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
 
 from .checkpoint import RegionSpotCheckpointer
 from .dataset_mapper import RegionSpotDatasetMapper
 from .evaluation import build_regionspot_evaluator
 from .proposals import attach_proposals
+from .token_cache import token_cache_folder, token_file
+
+logger = logging.getLogger(__name__)
+
+
+class MultiDatasetLoader:
+    """Yields whole batches, each from one dataset chosen with probability proportional to its ratio.
+
+    The choice sequence comes from a fixed seed, so every process of a distributed run trains on
+    the same dataset (hence the same vocabulary) at each step.
+    """
+
+    def __init__(self, loaders: Sequence, ratios: Sequence[float], seed: int = 0):
+        if len(loaders) != len(ratios):
+            raise ValueError(f"MODEL.REGIONSPOT.DATASET_RATIOS has {len(ratios)} entries for {len(loaders)} datasets.")
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise ValueError(f"MODEL.REGIONSPOT.DATASET_RATIOS must be non-negative with a positive sum, got {list(ratios)}.")
+        self.loaders = list(loaders)
+        self.probs = np.asarray(ratios, dtype=np.float64) / float(sum(ratios))
+        self.seed = seed
+
+    def __iter__(self):
+        rng = np.random.RandomState(self.seed)
+        iters = [iter(loader) for loader in self.loaders]
+        while True:
+            yield next(iters[rng.choice(len(iters), p=self.probs)])
+
+
+def _with_full_model_clipping(optimizer_cls, max_norm: float):
+    """The optimizer class, clipping the gradient norm of all its parameters together before each step."""
+
+    class FullModelClipped(optimizer_cls):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure)
+
+    FullModelClipped.__name__ = optimizer_cls.__name__ + "FullModelClipped"
+    return FullModelClipped
+
+
+@contextlib.contextmanager
+def _ddp_for_cpu_models():
+    """detectron2's `create_ddp_model` always passes device_ids=[local_rank], which DDP refuses for
+    a model on the CPU. While the trainer is built, give CPU models device_ids=None instead, so
+    multi-process training works with the gloo backend too."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
 
 
 class RegionSpotTrainer(DefaultTrainer):
-    def build_hooks(self):
+    def __init__(self, cfg):
+        with _ddp_for_cpu_models():
+            super().__init__(cfg)
+
+    def build_hooks(self) -> List:
         # Hooks capture self.checkpointer, so swap in ours (head-only, original-layout aware) first.
         self.checkpointer = RegionSpotCheckpointer(
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        ret = super().build_hooks()
+        if self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
+            at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            ret.insert(at + 1, hooks.BestCheckpointer(
+                self.cfg.TEST.EVAL_PERIOD, self.checkpointer, self.cfg.MODEL.REGIONSPOT.BEST_METRIC, "max"
+            ))
+        return ret
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """AdamW over the trainable (head) parameters, with full-model gradient-norm clipping."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer_cls = torch.optim.AdamW
+        if cfg.MODEL.REGIONSPOT.GRAD_CLIP_NORM > 0:
+            optimizer_cls = _with_full_model_clipping(optimizer_cls, cfg.MODEL.REGIONSPOT.GRAD_CLIP_NORM)
+        return optimizer_cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """One loader per DATASETS.TRAIN entry (its own mapper, vocabulary and sampler), mixed by ratio."""
+        names = list(cfg.DATASETS.TRAIN)
+        if not names:
+            raise ValueError("DATASETS.TRAIN is empty: nothing to train on.")
+        loaders = []
+        for name in names:
+            dicts = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            if cfg.MODEL.REGIONSPOT.TOKEN_MODE == "cached":
+                dicts = cls._with_cached_tokens(cfg, name, dicts)
+            mapper = RegionSpotDatasetMapper(cfg, is_train=True, dataset_name=name)
+            loaders.append(build_detection_train_loader(cfg, mapper=mapper, dataset=dicts))
+        if len(loaders) == 1:
+            return loaders[0]
+        ratios = list(cfg.MODEL.REGIONSPOT.DATASET_RATIOS) or [1.0] * len(loaders)
+        return MultiDatasetLoader(loaders, ratios, seed=max(cfg.SEED, 0))
+
+    @staticmethod
+    def _with_cached_tokens(cfg, name: str, dicts: List) -> List:
+        """Keep the images that have a token file; say how many lack one."""
+        c = cfg.MODEL.REGIONSPOT
+        folder = token_cache_folder(c.TOKEN_CACHE_DIR, name, c.SAM.TYPE)
+        kept = [d for d in dicts if os.path.isfile(token_file(folder, d["image_id"]))]
+        if not kept:
+            raise FileNotFoundError(
+                f"No cached SAM tokens for dataset {name!r} in {folder}: run tools/extract_sam_tokens.py "
+                "first, or set MODEL.REGIONSPOT.TOKEN_MODE online."
+            )
+        if len(kept) < len(dicts):
+            logger.warning(f"{len(dicts) - len(kept)} of {len(dicts)} images of {name!r} have no cached "
+                           f"SAM tokens in {folder} and are left out of training.")
+        return kept
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):

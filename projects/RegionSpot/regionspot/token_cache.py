@@ -1,0 +1,85 @@
+"""On-disk cache of SAM region tokens, one file per image.
+
+SAM is frozen, so the position-aware token of every ground-truth box can be computed once and
+training can skip SAM entirely. A file holds the tokens (fp16) together with the boxes and classes
+they belong to, so tokens can never be paired with the wrong box. Files are written atomically and
+validated on read: a truncated or corrupt file is detected, never silently used.
+"""
+import os
+import re
+import tempfile
+from typing import Dict, Optional
+
+import torch
+
+from .text_embeddings import default_cache_dir
+
+FORMAT = "regionspot-sam-tokens-v1"
+
+
+class CorruptTokenFile(RuntimeError):
+    """A cache file that exists but cannot be trusted."""
+
+
+def token_cache_folder(root: str, dataset_name: str, sam_type: str) -> str:
+    """`root/<dataset>/<sam type>`; root "" = $REGIONSPOT_CACHE/sam_tokens."""
+    root = root or os.path.join(default_cache_dir(), "sam_tokens")
+    return os.path.join(root, dataset_name, sam_type)
+
+
+def token_file(folder: str, image_id) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(image_id))
+    return os.path.join(folder, f"{safe}.pth")
+
+
+def save_tokens(path: str, *, image_id, file_name: str, image_size, tokens: torch.Tensor,
+                boxes: torch.Tensor, classes: torch.Tensor, sam_type: str) -> None:
+    """Write one image's tokens atomically (temp file + rename)."""
+    if not (tokens.shape[0] == boxes.shape[0] == classes.shape[0]):
+        raise ValueError(f"{path}: {tokens.shape[0]} tokens for {boxes.shape[0]} boxes and {classes.shape[0]} classes.")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    payload = {
+        "format": FORMAT, "image_id": image_id, "file_name": file_name,
+        "image_size": tuple(int(s) for s in image_size), "sam_type": sam_type,
+        "tokens": tokens.detach().to("cpu", torch.float16).contiguous(),
+        "boxes": boxes.detach().to("cpu", torch.float32).contiguous(),
+        "classes": classes.detach().to("cpu", torch.int64).contiguous(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tokens(path: str, image_id=None) -> Dict:
+    """Read and validate a token file. Raises FileNotFoundError or CorruptTokenFile."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SAM token cache file not found: {path} (run tools/extract_sam_tokens.py)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptTokenFile(f"SAM token cache file {path} is truncated or corrupt ({type(e).__name__}: {e}).") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CorruptTokenFile(f"{path} is not a RegionSpot SAM token file.")
+    t, b, c = payload.get("tokens"), payload.get("boxes"), payload.get("classes")
+    if not all(isinstance(x, torch.Tensor) for x in (t, b, c)) or t.ndim != 2 or b.shape != (t.shape[0], 4) \
+            or c.shape != (t.shape[0],):
+        raise CorruptTokenFile(f"SAM token cache file {path} has inconsistent shapes.")
+    if not torch.isfinite(t.float()).all():
+        raise CorruptTokenFile(f"SAM token cache file {path} holds non-finite tokens.")
+    if image_id is not None and str(payload["image_id"]) != str(image_id):
+        raise CorruptTokenFile(f"SAM token cache file {path} belongs to image {payload['image_id']}, not {image_id}.")
+    return payload
+
+
+def is_valid(path: str, image_id=None) -> bool:
+    try:
+        load_tokens(path, image_id)
+        return True
+    except (FileNotFoundError, CorruptTokenFile):
+        return False

@@ -1,0 +1,102 @@
+"""Run frozen SAM over a dataset's ground-truth boxes and cache the region tokens per image."""
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.utils import comm
+from tqdm import tqdm
+
+from .dataset_mapper import RegionSpotDatasetMapper
+from .meta_arch import sanitize_boxes
+from .sam_encoder import SamRegionEncoder
+from .token_cache import is_valid, save_tokens, token_cache_folder, token_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractionSummary:
+    images: int = 0      # images whose tokens were written by this run
+    boxes: int = 0       # boxes in those images
+    skipped: int = 0     # images already in the cache (valid files), left as they are
+    failed: Dict[str, str] = field(default_factory=dict)  # file name -> reason
+
+    def merge(self, other: "ExtractionSummary") -> "ExtractionSummary":
+        return ExtractionSummary(self.images + other.images, self.boxes + other.boxes,
+                                 self.skipped + other.skipped, {**self.failed, **other.failed})
+
+    def __str__(self) -> str:
+        lines = [f"images: {self.images}, boxes: {self.boxes}, skipped: {self.skipped}, failed: {len(self.failed)}"]
+        lines += [f"  failed {name}: {why}" for name, why in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+def shard_of(items: List, shard: int, num_shards: int, rank: int = 0, world_size: int = 1) -> List:
+    """The items of job `shard` of `num_shards`, then of process `rank` of `world_size` within it."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard must be in [0, {num_shards}), got {shard}.")
+    return items[shard::num_shards][rank::world_size]
+
+
+@torch.no_grad()
+def extract_tokens(
+    sam_encoder: SamRegionEncoder,
+    cfg,
+    dataset_name: str,
+    output_root: str,
+    *,
+    shard: int = 0,
+    num_shards: int = 1,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> ExtractionSummary:
+    """Extract and cache tokens for this process's part of `dataset_name`.
+
+    Images with a valid cache file are skipped; a truncated or corrupt file is redone. A failing
+    image (unreadable file, bad boxes) is recorded with its reason and the run goes on.
+    """
+    device = next(sam_encoder.parameters()).device
+    folder = token_cache_folder(output_root, dataset_name, cfg.MODEL.REGIONSPOT.SAM.TYPE)
+    dicts = shard_of(DatasetCatalog.get(dataset_name), shard, num_shards, comm.get_rank(), comm.get_world_size())
+    mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
+    summary = ExtractionSummary()
+    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
+           if autocast_dtype is not None else contextlib.nullcontext())
+    bar = tqdm(dicts, desc=f"SAM tokens {dataset_name}", unit="img", disable=not comm.is_main_process())
+    for d in bar:
+        path = token_file(folder, d["image_id"])
+        if is_valid(path, d["image_id"]):
+            summary.skipped += 1
+            continue
+        name = d.get("file_name", str(d["image_id"]))
+        try:
+            x = mapper(d)
+            image = x["image"].to(device)
+            boxes = x["instances"].gt_boxes.tensor.to(device).float().clone()
+            keep = sanitize_boxes(boxes, tuple(image.shape[-2:]), f" of image {name}")
+            boxes, classes = boxes[keep], x["instances"].gt_classes[keep.cpu()]
+            with amp:
+                pre, _ = sam_encoder.preprocess(image)
+                emb = sam_encoder.encode_images(pre[None])[0]
+                tokens, _ = sam_encoder.decode_boxes(emb, boxes, tuple(image.shape[-2:]))
+            save_tokens(path, image_id=d["image_id"], file_name=name, image_size=image.shape[-2:],
+                        tokens=tokens.float(), boxes=boxes, classes=classes,
+                        sam_type=cfg.MODEL.REGIONSPOT.SAM.TYPE)
+        except Exception as e:  # one bad image must not stop a long run; it is reported at the end
+            summary.failed[name] = f"{type(e).__name__}: {e}"
+            logger.warning(f"Token extraction failed for {name}: {e}")
+            continue
+        summary.images += 1
+        summary.boxes += int(boxes.shape[0])
+    return summary
+
+
+def gather_summaries(summary: ExtractionSummary) -> ExtractionSummary:
+    """Combine the summaries of all processes (on every process)."""
+    total = ExtractionSummary()
+    for s in comm.all_gather(summary):
+        total = total.merge(s)
+    return total
