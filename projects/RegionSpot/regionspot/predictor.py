@@ -56,7 +56,7 @@ class RegionResults:
 
     image_size: Tuple[int, int]
     boxes: torch.Tensor  # (N, 4) XYXY pixels: the box prompt, or the mask's box for point prompts
-    masks: torch.Tensor  # (N, H, W) bool, SAM's mask of the region
+    masks: Optional[torch.Tensor]  # (N, H, W) bool, SAM's mask of the region (None: not asked for)
     topk_classes: torch.Tensor  # (N, k) class indices into `vocabulary`, best first
     topk_scores: torch.Tensor  # (N, k) class probabilities (times the prompt score, if given)
     prompt_indices: torch.Tensor  # (N,) index of each region's prompt in the input
@@ -90,13 +90,15 @@ class RegionResults:
         if isinstance(item, torch.Tensor):
             item = item.to(self.boxes.device)
         return RegionResults(
-            self.image_size, self.boxes[item], self.masks[item], self.topk_classes[item],
+            self.image_size, self.boxes[item], None if self.masks is None else self.masks[item],
+            self.topk_classes[item],
             self.topk_scores[item], self.prompt_indices[item], self.vocabulary,
         )
 
     def to(self, device: Union[str, torch.device]) -> "RegionResults":
         return RegionResults(
-            self.image_size, self.boxes.to(device), self.masks.to(device), self.topk_classes.to(device),
+            self.image_size, self.boxes.to(device), None if self.masks is None else self.masks.to(device),
+            self.topk_classes.to(device),
             self.topk_scores.to(device), self.prompt_indices.to(device), self.vocabulary,
         )
 
@@ -107,7 +109,8 @@ class RegionResults:
         """detectron2 `Instances` of the image, sorted by score.
 
         With `classes_per_region` = 1, one instance per region, with the fields `pred_boxes`,
-        `scores`, `pred_classes`, `pred_masks`, `topk_classes`, `topk_scores` and `prompt_indices`.
+        `scores`, `pred_classes`, `pred_masks` (when predicted), `topk_classes`, `topk_scores` and
+        `prompt_indices`.
         With K > 1, each region gives its K best (box, class) pairs, as RegionSpot's evaluation
         does; pairs of one region share one mask (`IndexedMasks`) instead of copying it.
         """
@@ -121,7 +124,8 @@ class RegionResults:
             inst.pred_boxes = Boxes(self.boxes[order])
             inst.scores = self.scores[order]
             inst.pred_classes = self.classes[order]
-            inst.pred_masks = self.masks[order]
+            if self.masks is not None:
+                inst.pred_masks = self.masks[order]
             inst.topk_classes = self.topk_classes[order]
             inst.topk_scores = self.topk_scores[order]
             inst.prompt_indices = self.prompt_indices[order]
@@ -132,7 +136,8 @@ class RegionResults:
         inst.pred_boxes = Boxes(self.boxes[region])
         inst.scores = scores[order]
         inst.pred_classes = self.topk_classes[:, :classes_per_region].flatten()[order]
-        inst.pred_masks = IndexedMasks(self.masks, region)
+        if self.masks is not None:
+            inst.pred_masks = IndexedMasks(self.masks, region)
         inst.prompt_indices = self.prompt_indices[region]
         return inst
 
@@ -410,6 +415,7 @@ class RegionSpotPredictor:
         vocabulary: Optional[VocabularyLike] = None,
         top_k: Optional[int] = None,
         prompt_scores: Optional[ArrayLike] = None,
+        return_masks: Optional[bool] = None,
     ) -> RegionResults:
         """Classify regions of the image given to `set_image`, reusing its features.
 
@@ -426,13 +432,17 @@ class RegionSpotPredictor:
                 vocabulary's size.
             prompt_scores: (N,) scores of the prompts (e.g. a detector's), multiplied into the
                 class probabilities.
+            return_masks: paste SAM's masks at the image size (default: MODEL.REGIONSPOT.MASK_ON).
+                Point-prompted regions need them for their boxes, so they always get them.
         Returns:
             `RegionResults` of the kept prompts, in prompt order.
         """
-        return self._predict(self.features, boxes, points, point_labels, vocabulary, top_k, prompt_scores)
+        return self._predict(self.features, boxes, points, point_labels, vocabulary, top_k, prompt_scores,
+                             return_masks)
 
     @torch.no_grad()
-    def _predict(self, feats: ImageFeatures, boxes, points, point_labels, vocabulary, top_k, prompt_scores):
+    def _predict(self, feats: ImageFeatures, boxes, points, point_labels, vocabulary, top_k, prompt_scores,
+                 return_masks=None):
         model = self.model
         top_k = self._check_top_k(self.top_k if top_k is None else top_k)
         prompts = self._prepare_prompts(feats.image_size, boxes, points, point_labels, prompt_scores)
@@ -447,8 +457,11 @@ class RegionSpotPredictor:
         if prompts["scores"] is not None:
             probs = probs * prompts["scores"][:, None]
         topk_scores, topk_classes = probs.topk(min(top_k, len(names)), dim=-1)
-        masks = [model.sam_encoder.paste_masks(c, feats.input_size, feats.image_size) for c in low_res.split(16)]
-        masks = torch.cat(masks) if masks else torch.zeros((0, *feats.image_size), dtype=torch.bool, device=self.device)
+        masks = None
+        if (model.mask_on if return_masks is None else return_masks) or prompts["boxes"] is None:
+            masks = [model.sam_encoder.paste_masks(c, feats.input_size, feats.image_size) for c in low_res.split(16)]
+            masks = torch.cat(masks) if masks else torch.zeros((0, *feats.image_size), dtype=torch.bool,
+                                                               device=self.device)
         out_boxes = prompts["boxes"]
         if out_boxes is None:
             out_boxes = self._boxes_of_points(masks, prompts["points"], prompts["point_labels"])
@@ -496,6 +509,7 @@ class RegionSpotPredictor:
         top_k: Optional[int] = None,
         format: str = "RGB",
         batch_size: int = 4,
+        return_masks: Optional[bool] = None,
     ) -> Iterator[RegionResults]:
         """Yield `predict`'s result for each image, encoding `batch_size` images per encoder call.
 
@@ -517,7 +531,7 @@ class RegionSpotPredictor:
                 for j, f in enumerate(self._encode(rgbs)):
                     i = start + j
                     yield self._predict(f, pick(boxes, i), pick(points, i), pick(point_labels, i),
-                                        vocabulary, top_k, pick(prompt_scores, i))
+                                        vocabulary, top_k, pick(prompt_scores, i), return_masks)
                     bar.update(1)
 
     def predict_batch(self, images: Sequence[ImageLike], **kwargs) -> List[RegionResults]:

@@ -336,7 +336,9 @@ def cached_class_embeddings(
             logger.warning(f"Text-embedding cache {path} holds other names; encoding again.")
         except (RuntimeError, ValueError) as e:
             logger.warning(f"Ignoring unreadable text-embedding cache file ({e}); encoding again.")
-    logger.info(f"Encoding {len(names)} class names x {len(templates)} templates (cache: {path}).")
+    what = f"{len(names)} class names" if synonyms is None else \
+        f"{len(names)} classes ({sum(len(g) for g in synonyms)} synonyms)"
+    logger.info(f"Encoding {what} x {len(templates)} templates (cache: {path}).")
     if synonyms is None:
         emb = encode_class_names(encode_text, names, templates, chunk_size)
     else:
