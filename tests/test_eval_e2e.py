@@ -1,0 +1,236 @@
+"""End to end: `train_net.py --eval-only` on a synthetic LVIS-format set, with an oracle head.
+
+The oracle makes the expected answer known without training: with the decoder's attention
+outputs and second feed-forward linears zeroed, every decoder layer is the identity up to its
+LayerNorms (weight 1, bias 0, idempotent), so the head computes
+``projector(LayerNorm(to_clip(sam_token)))``. We take every ground-truth region's SAM token the
+way the evaluation does, and solve (exactly, since regions < width + 1) for a projector that maps
+a region of class c to e_c = pinv(T) onehot(c), T the class text embeddings: then t_c . e_c = 1
+and t_d . e_c = 0 for d != c. After normalisation each region's own class has the top logit, so
+its probability is > 1/C while any other region's probability for that class is 1/C or less:
+every class ranks its regions perfectly, hence box AP 100 with ground-truth boxes as prompts.
+"""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.data import DatasetCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
+
+import train_net
+from regionspot.dataset_mapper import RegionSpotDatasetMapper
+
+from conftest import TINY_CONFIG, tiny_cfg
+
+HEAD_TO_ORIGINAL = (("head.", "model."), ("sam_encoder.sam.", "model.sam."),
+                    ("clip_encoder.clip_model.", "model.clip_model."))
+
+
+def _original_layout(state):
+    out = {}
+    for k, v in state.items():
+        for ours, theirs in HEAD_TO_ORIGINAL:
+            if k.startswith(ours):
+                out[theirs + k[len(ours):]] = v.detach().clone()
+                break
+        else:
+            raise AssertionError(k)
+    return out
+
+
+def _gt_by_image(dataset):
+    """image_id -> (XYXY boxes (N, 4) float64, contiguous 0-based classes) from the dataset dicts."""
+    out = {}
+    for d in DatasetCatalog.get(dataset):
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
+        out[d["image_id"]] = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                              [a["category_id"] for a in d["annotations"]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle(synthetic_val, tmp_path_factory):
+    """Path of an original-layout checkpoint (head + frozen SAM/CLIP) of the oracle head."""
+    folder = tmp_path_factory.mktemp("oracle")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REGIONSPOT_CACHE", str(folder / "cache"))
+        torch.manual_seed(1234)
+        cfg = tiny_cfg()
+        model = build_model(cfg).eval()
+        head = model.head
+        with torch.no_grad():
+            for layer in head.decoder.layers:
+                for attn in (layer.self_attn, layer.multihead_attn):
+                    attn.out_proj.weight.zero_()
+                    attn.out_proj.bias.zero_()
+                layer.linear2.weight.zero_()
+                layer.linear2.bias.zero_()
+            for m in head.modules():
+                if isinstance(m, torch.nn.LayerNorm):  # as built; the construction relies on it
+                    assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+        # The region tokens exactly as the evaluation computes them: same mapper, one image a batch.
+        mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)
+        feats, labels, per_image = [], [], []
+        for d in DatasetCatalog.get(synthetic_val):
+            x = mapper(d)
+            sam_emb, _, clip_tokens = model.encode_images([x["image"]])
+            tokens, _ = model.decode_regions(sam_emb[0], x["instances"].gt_boxes.tensor, tuple(x["image"].shape[-2:]))
+            with torch.no_grad():
+                h = head.decoder(head.to_clip(tokens)[None], clip_tokens)[0]
+                h_ln = F.layer_norm(head.to_clip(tokens), (h.shape[-1],))
+            torch.testing.assert_close(h, h_ln, atol=1e-3, rtol=1e-3)  # the head is LN(to_clip(.)) now
+            feats.append(h.double())
+            labels.append(x["instances"].gt_classes)
+            per_image.append((x, tokens, clip_tokens))
+        H, y = torch.cat(feats), torch.cat(labels)
+        names, T = model.text_embeddings(synthetic_val)
+        num_regions, width = H.shape
+        assert num_regions < width + 1, "too many regions for an exact least-squares fit"
+        assert len(set(y.tolist())) >= 3  # several classes: the rankings are a real test
+
+        targets = (torch.linalg.pinv(T.double()) @ F.one_hot(y, len(names)).double().T).T  # (R, D)
+        A = torch.cat([H, torch.ones(num_regions, 1, dtype=H.dtype)], dim=1)
+        sol = torch.linalg.lstsq(A, targets, driver="gelsd").solution  # (W + 1, D)
+        assert torch.allclose(A @ sol, targets, atol=1e-6)
+        with torch.no_grad():
+            head.projector.weight.copy_(sol[:-1].T.float())
+            head.projector.bias.copy_(sol[-1].float())
+
+        # Sanity of the construction (in-process): every region's own class wins.
+        for (x, tokens, clip_tokens) in per_image:
+            with torch.no_grad():
+                logits = model.classify(model.embed_regions([tokens], clip_tokens)[0], T)
+            assert torch.equal(logits.argmax(1), x["instances"].gt_classes)
+
+        path = folder / "oracle_original_layout.pth"
+        torch.save({"model": _original_layout(model.state_dict())}, path)
+    return str(path)
+
+
+def _eval(tmp_path, dataset, weights, *opts, seed=0):
+    args = default_argument_parser().parse_args([
+        "--config-file", TINY_CONFIG, "--eval-only",
+        "DATASETS.TEST", f'("{dataset}",)', "OUTPUT_DIR", str(tmp_path / "out"),
+        "MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "SEED", str(seed), *opts,
+    ])
+    res = train_net.main(args)
+    # detectron2 returns {dataset: metrics}, unwrapped to the metrics when there is one dataset.
+    if dataset in res:
+        res = res[dataset]
+    assert set(res) == {"bbox", "segm"}
+    for task in ("bbox", "segm"):
+        assert 0 <= res[task]["AP"] <= 100
+    return res
+
+
+def _results_json(tmp_path, dataset):
+    with open(tmp_path / "out" / "inference" / dataset / "lvis_instances_results.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def oracle_gt_ap(oracle, synthetic_val, tmp_path_factory):
+    return _eval(tmp_path_factory.mktemp("oracle_eval"), synthetic_val, oracle)["bbox"]["AP"]
+
+
+def test_oracle_head_gives_box_ap_100(oracle_gt_ap):
+    assert oracle_gt_ap > 99.9
+
+
+def test_random_head_is_clearly_worse(synthetic_val, oracle_gt_ap, tmp_path):
+    # A random head on the same prompts ranks regions by chance (AP 20-45 over seeds 0-11).
+    res = _eval(tmp_path, synthetic_val, "", seed=0)
+    assert res["bbox"]["AP"] < 60
+    assert oracle_gt_ap - res["bbox"]["AP"] > 30
+
+
+def test_eval_writes_all_pairs_with_shared_masks(oracle, synthetic_val, tmp_path):
+    _eval(tmp_path, synthetic_val, oracle)
+    dets = _results_json(tmp_path, synthetic_val)
+    gt = _gt_by_image(synthetic_val)
+    num_classes = 6
+    assert len(dets) == sum(len(b) for b, _ in gt.values()) * num_classes
+    for image_id, (boxes, classes) in gt.items():
+        mine = [d for d in dets if d["image_id"] == image_id]
+        assert len(mine) == len(boxes) * num_classes
+        # Every detection of one box carries the same mask.
+        by_box = {}
+        for d in mine:
+            by_box.setdefault(tuple(np.round(d["bbox"], 2)), set()).add(d["segmentation"]["counts"])
+        assert len(by_box) == len(boxes)
+        assert all(len(v) == 1 for v in by_box.values())
+        # The top detection of each gt box is its own class (LVIS category ids are 1-based).
+        for box, cls in zip(boxes, classes):
+            xywh = BoxMode.convert(box.tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
+            best = max((d for d in mine if np.allclose(d["bbox"], xywh, atol=1e-2)), key=lambda d: d["score"])
+            assert best["category_id"] == cls + 1
+
+
+# ---------------------------------------------------------------------------------- proposals
+def _write_coco_json(path, gt, skip=()):
+    recs = []
+    for image_id, (boxes, _) in gt.items():
+        if image_id in skip:
+            continue
+        for b in boxes:
+            recs.append({"image_id": image_id, "category_id": 1, "score": 1.0,
+                         "bbox": BoxMode.convert(b.tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)})
+    with open(path, "w") as f:
+        json.dump(recs, f)
+
+
+def _write_glip_json(path, gt):
+    data = {str(image_id): {"boxes": boxes.tolist(), "scores": [1.0] * len(boxes), "labels": [1] * len(boxes)}
+            for image_id, (boxes, _) in gt.items()}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _write_pkl(path, gt, skip=()):
+    ids = [i for i in gt if i not in skip]
+    data = {"ids": ids, "boxes": [gt[i][0].astype(np.float32) for i in ids],
+            "objectness_logits": [np.full(len(gt[i][0]), 10.0, dtype=np.float32) for i in ids],
+            "bbox_mode": BoxMode.XYXY_ABS}
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+
+
+def _proposal_opts(path, *more):
+    return ("MODEL.REGIONSPOT.PROMPT", "proposals", "DATASETS.PROPOSAL_FILES_TEST", f'("{path}",)', *more)
+
+
+@pytest.mark.parametrize("fmt", ["coco_json", "glip_json", "d2_pkl"])
+def test_oracle_with_gt_boxes_as_proposals_gives_ap_100(oracle, synthetic_val, tmp_path, fmt):
+    gt = _gt_by_image(synthetic_val)
+    path = str(tmp_path / ("proposals.pkl" if fmt == "d2_pkl" else "proposals.json"))
+    {"coco_json": _write_coco_json, "glip_json": _write_glip_json, "d2_pkl": _write_pkl}[fmt](path, gt)
+    res = _eval(tmp_path, synthetic_val, oracle, *_proposal_opts(path))
+    assert res["bbox"]["AP"] > 99.9
+    # The proposals really were the prompts: one box per proposal, each with every class.
+    dets = _results_json(tmp_path, synthetic_val)
+    assert len(dets) == sum(len(b) for b, _ in gt.values()) * 6
+
+
+@pytest.mark.parametrize("fmt", ["coco_json", "d2_pkl"])
+def test_proposal_file_missing_an_image(oracle, synthetic_val, tmp_path, fmt):
+    gt = _gt_by_image(synthetic_val)
+    skipped = sorted(gt)[0]
+    path = str(tmp_path / ("partial.pkl" if fmt == "d2_pkl" else "partial.json"))
+    (_write_pkl if fmt == "d2_pkl" else _write_coco_json)(path, gt, skip=(skipped,))
+
+    with pytest.raises(KeyError) as e:
+        _eval(tmp_path, synthetic_val, oracle, *_proposal_opts(path))
+    assert path in str(e.value) and "MISSING_PROPOSALS" in str(e.value)
+
+    res = _eval(tmp_path, synthetic_val, oracle, *_proposal_opts(path, "MODEL.REGIONSPOT.MISSING_PROPOSALS", "empty"))
+    dets = _results_json(tmp_path, synthetic_val)
+    assert dets and not [d for d in dets if d["image_id"] == skipped]
+    # Its objects cannot be found, the others still rank perfectly.
+    assert 0 < res["bbox"]["AP"] < 99.9
