@@ -7,13 +7,14 @@ from the checkpoint's.
 """
 import math
 import os
-import warnings
+import pickle
 from typing import Dict, Tuple
 
 import clip
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
+from clip.model import build_model as build_clip_from_state_dict
 from torch import nn
 
 from .weights import resolve_weights
@@ -68,15 +69,22 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "") -> CLIP
         return model.float().eval()
     local = resolve_weights(checkpoint, f"CLIP {name} checkpoint")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "not a JIT archive, loading as a state dict"
-            model, _ = clip.load(local, device="cpu", jit=False)
-    except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        # OpenAI's files are TorchScript archives; others are plain state dicts. (clip.load
+        # reads both, but reuses one file handle for the second try and fails on plain files.)
+        try:
+            state = torch.jit.load(local, map_location="cpu").state_dict()
+        except RuntimeError:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+        model = build_clip_from_state_dict(dict(state)).float()
+        # build_model rounds to fp16 as OpenAI ships it; load again so fp32 files stay exact.
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise RuntimeError(
             f"The CLIP checkpoint {local} is corrupt, truncated or not an OpenAI-format CLIP "
             f"file ({type(e).__name__}: {e})."
         ) from e
-    return model.float().eval()
+    return model.eval()
 
 
 class ClipImageTextEncoder(nn.Module):

@@ -124,6 +124,8 @@ class RegionSpot(nn.Module):
         self._text_embeddings: Dict[str, Tuple[List[str], torch.Tensor]] = {}
         self._fingerprint: Optional[str] = None
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+        # New CLIP weights (e.g. from a checkpoint) invalidate the text embeddings made so far.
+        clip_encoder.register_load_state_dict_post_hook(self._forget_text_embeddings)
 
     @classmethod
     def from_config(cls, cfg):
@@ -175,6 +177,10 @@ class RegionSpot(nn.Module):
         if self._fingerprint is None:
             self._fingerprint = clip_fingerprint(self.clip_encoder.clip_model)
         return self._fingerprint
+
+    def _forget_text_embeddings(self, *_) -> None:
+        self._text_embeddings.clear()
+        self._fingerprint = None
 
     def _encode_text(self, prompts: List[str]) -> torch.Tensor:
         with self._autocast():

@@ -63,9 +63,12 @@ def get_templates(name: str) -> Sequence[str]:
 
 def clean_class_name(name: str) -> str:
     """Strip the panoptic suffixes (-other, -merged, -stuff); the rest stays as the dataset spells it."""
-    for suffix in _NAME_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    stripped = True
+    while stripped:  # "wall-other-merged" -> "wall"
+        stripped = False
+        for suffix in _NAME_SUFFIXES:
+            if name.endswith(suffix):
+                name, stripped = name[: -len(suffix)], True
     return name
 
 

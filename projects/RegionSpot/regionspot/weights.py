@@ -9,7 +9,7 @@ from iopath.common.file_io import PathManager as _PathManagerCls
 from iopath.common.file_io import HTTPURLHandler
 
 # Our own PathManager: an http(s) URL is downloaded once into iopath's cache
-# ($IOPATH_CACHE_DIR or ~/.torch/iopath_cache) and reused afterwards.
+# ($FVCORE_CACHE or ~/.torch/iopath_cache) and reused afterwards.
 _path_manager = _PathManagerCls()
 _path_manager.register_handler(HTTPURLHandler())
 
