@@ -34,8 +34,8 @@ _CHECKED_BUILTINS = ("lvis_v1_train", "lvis_v1_val")
 
 # name -> (split, number of images, seed). Generated on first use, then reused.
 SYNTHETIC_SPLITS = {
-    "synthetic_shapes_train": ("train", 96, 0),
-    "synthetic_shapes_val": ("val", 24, 1),
+    "synthetic_shapes_train": ("train", 480, 0),
+    "synthetic_shapes_val": ("val", 48, 1),
 }
 
 

@@ -5,6 +5,8 @@ training can skip SAM entirely. A file holds the tokens (fp16) together with the
 they belong to, so tokens can never be paired with the wrong box. Files are written atomically and
 validated on read: a truncated or corrupt file is detected, never silently used.
 """
+import hashlib
+import json
 import os
 import re
 import tempfile
@@ -32,15 +34,23 @@ def token_file(folder: str, image_id) -> str:
     return os.path.join(folder, f"{safe}.pth")
 
 
+def source_key(dataset_dict: Dict) -> str:
+    """A digest of an image's file name and annotations: a cache file made from other boxes is stale."""
+    anns = [(a.get("bbox"), a.get("bbox_mode").value if hasattr(a.get("bbox_mode"), "value") else a.get("bbox_mode"),
+             a.get("category_id")) for a in dataset_dict.get("annotations", [])]
+    blob = json.dumps([os.path.basename(dataset_dict.get("file_name", "")), anns], default=str)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()
+
+
 def save_tokens(path: str, *, image_id, file_name: str, image_size, tokens: torch.Tensor,
-                boxes: torch.Tensor, classes: torch.Tensor, sam_type: str) -> None:
+                boxes: torch.Tensor, classes: torch.Tensor, sam_type: str, source: str = "") -> None:
     """Write one image's tokens atomically (temp file + rename)."""
     if not (tokens.shape[0] == boxes.shape[0] == classes.shape[0]):
         raise ValueError(f"{path}: {tokens.shape[0]} tokens for {boxes.shape[0]} boxes and {classes.shape[0]} classes.")
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     payload = {
-        "format": FORMAT, "image_id": image_id, "file_name": file_name,
+        "format": FORMAT, "image_id": image_id, "file_name": file_name, "source": source,
         "image_size": tuple(int(s) for s in image_size), "sam_type": sam_type,
         "tokens": tokens.detach().to("cpu", torch.float16).contiguous(),
         "boxes": boxes.detach().to("cpu", torch.float32).contiguous(),
@@ -77,9 +87,10 @@ def load_tokens(path: str, image_id=None) -> Dict:
     return payload
 
 
-def is_valid(path: str, image_id=None) -> bool:
+def is_valid(path: str, image_id=None, source: Optional[str] = None) -> bool:
+    """Whether `path` is a sound token file of this image (and, if given, of these annotations)."""
     try:
-        load_tokens(path, image_id)
-        return True
+        payload = load_tokens(path, image_id)
     except (FileNotFoundError, CorruptTokenFile):
         return False
+    return source is None or payload.get("source") == source

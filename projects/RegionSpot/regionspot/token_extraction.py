@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .dataset_mapper import RegionSpotDatasetMapper
 from .meta_arch import sanitize_boxes
 from .sam_encoder import SamRegionEncoder
-from .token_cache import is_valid, save_tokens, token_cache_folder, token_file
+from .token_cache import is_valid, save_tokens, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ def extract_tokens(
 ) -> ExtractionSummary:
     """Extract and cache tokens for this process's part of `dataset_name`.
 
-    Images with a valid cache file are skipped; a truncated or corrupt file is redone. A failing
+    Images with a valid cache file are skipped; a truncated, corrupt or stale (made from other
+    annotations) file is redone. A failing
     image (unreadable file, bad boxes) is recorded with its reason and the run goes on.
     """
     device = next(sam_encoder.parameters()).device
@@ -68,7 +69,8 @@ def extract_tokens(
     bar = tqdm(dicts, desc=f"SAM tokens {dataset_name}", unit="img", disable=not comm.is_main_process())
     for d in bar:
         path = token_file(folder, d["image_id"])
-        if is_valid(path, d["image_id"]):
+        source = source_key(d)
+        if is_valid(path, d["image_id"], source):
             summary.skipped += 1
             continue
         name = d.get("file_name", str(d["image_id"]))
@@ -84,7 +86,7 @@ def extract_tokens(
                 tokens, _ = sam_encoder.decode_boxes(emb, boxes, tuple(image.shape[-2:]))
             save_tokens(path, image_id=d["image_id"], file_name=name, image_size=image.shape[-2:],
                         tokens=tokens.float(), boxes=boxes, classes=classes,
-                        sam_type=cfg.MODEL.REGIONSPOT.SAM.TYPE)
+                        sam_type=cfg.MODEL.REGIONSPOT.SAM.TYPE, source=source)
         except Exception as e:  # one bad image must not stop a long run; it is reported at the end
             summary.failed[name] = f"{type(e).__name__}: {e}"
             logger.warning(f"Token extraction failed for {name}: {e}")

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's main job: set up .venv if needed, then run the offline quickstart.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$ROOT/tools/setup_env.sh"
+cd "$ROOT"
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+exec "$ROOT/.venv/bin/python" "$ROOT/tools/quickstart.py" "$@"
