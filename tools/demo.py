@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""RegionSpot demo: recognize the regions of your own images with any vocabulary.
+
+Region prompts come from exactly one of: a boxes file (--boxes), another detector's results
+(--proposals), or SAM's automatic mask generator (--sam-auto). Pictures are drawn with
+detectron2's Visualizer; --json-output writes COCO-format results. Examples:
+
+    python tools/demo.py --config-file configs/RegionSpot-BB.yaml --input images/ \\
+        --proposals glip_boxes.json --vocabulary lvis --output vis/ --json-output results.json \\
+        --opts MODEL.WEIGHTS regionspot_bb.pth
+    python tools/demo.py --config-file ... --input 'photos/*.jpg' --sam-auto \\
+        --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output vis/
+
+Exit code: 0 when every image was processed, 1 when some image failed (each is reported by
+name; the others still finish), 2 for bad options or files given on the command line.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import BoxMode
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
+from tqdm import tqdm
+
+from regionspot import add_regionspot_config
+from regionspot.evaluation import instances_to_json
+from regionspot.predictor import RegionSpotPredictor, VocabularyLike
+from regionspot.proposals import read_json_proposals
+from regionspot.text_embeddings import (
+    BUILTIN_VOCABULARIES,
+    parse_vocabulary,
+    read_vocabulary_file,
+    vocabulary_synonyms,
+)
+
+logger = logging.getLogger("regionspot.demo")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+ALL_IMAGES = "*"  # key of boxes that apply to every image
+
+
+class UsageError(Exception):
+    """A bad option or command-line file: reported, exit code 2."""
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="RegionSpot demo: classify region prompts of your images with any vocabulary.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config-file", required=True, metavar="FILE", help="a RegionSpot config file")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, glob patterns (quote them) or folders of images")
+    p.add_argument("--output", help="a folder for the drawn pictures (PNG); a file path for a single image")
+    p.add_argument("--json-output", metavar="FILE", help="write the detections as COCO-format results")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--boxes", metavar="FILE",
+                         help="box prompts per image: JSON {image: [[x0,y0,x1,y1], ...]} or "
+                              "{image: {'boxes': [...], 'scores': [...]}}, a JSON list of boxes for "
+                              "every image, or a text file of lines '[image] x0 y0 x1 y1'")
+    prompts.add_argument("--proposals", metavar="FILE",
+                         help="another detector's results: COCO results JSON, or per-image "
+                              "{boxes, scores, labels} JSON; their scores multiply the class scores")
+    prompts.add_argument("--sam-auto", action="store_true",
+                         help="prompt with the boxes of SAM's automatic mask generator "
+                              "(settings: MODEL.REGIONSPOT.SAM_AUTO.*)")
+    p.add_argument("--box-mode", choices=("XYXY", "XYWH"), default="XYXY",
+                   help="box layout of --boxes and of per-image proposal files (COCO results are XYWH)")
+    p.add_argument("--proposal-topk", type=int, default=0,
+                   help="keep each image's N best-scoring proposals (0 = all)")
+    p.add_argument("--image-ids", metavar="JSON",
+                   help="a COCO/LVIS-format json whose 'images' give each file name its image id "
+                        "(default: a numeric file name is the id, e.g. 000000397133.jpg -> 397133)")
+    p.add_argument("--vocabulary", default="",
+                   help="lvis | coco | <registered dataset> | custom | <text-embedding file>; default: "
+                        "MODEL.REGIONSPOT.VOCABULARY, else the config's first test dataset, else lvis")
+    p.add_argument("--custom-vocabulary", default="",
+                   help="with --vocabulary custom: 'a,b,c', or a file of names (one per line, "
+                        "'name | synonym | ...'; or JSON), or a text-embedding file")
+    p.add_argument("--synonyms", action="store_true",
+                   help="average each class's synonyms' embeddings (LVIS and LVIS-format datasets, "
+                        "or synonyms in a --custom-vocabulary file)")
+    p.add_argument("--confidence-threshold", type=float, default=0.0,
+                   help="keep detections scoring at least this (class probability x prompt score)")
+    p.add_argument("--classes-per-region", type=int, default=1,
+                   help="(box, class) pairs per region in the JSON output (LVIS evaluation uses several)")
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                   help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
+    return p
+
+
+def setup_cfg(args: argparse.Namespace) -> CfgNode:
+    if not os.path.isfile(args.config_file):
+        raise UsageError(f"Config file not found: {args.config_file}")
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    try:
+        cfg.merge_from_list(list(args.opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise UsageError(f"Bad --opts {args.opts}: {e}") from e
+    cfg.freeze()
+    return cfg
+
+
+def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(image files, inputs that matched nothing): folders give their image files, globs expand."""
+    found, unmatched = [], []
+    for item in inputs:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            files = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f)))
+        elif os.path.isfile(item):
+            files = [item]
+        else:
+            files = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+        (found.extend(files) if files else unmatched.append(item))
+    seen = set()
+    return [f for f in found if not (f in seen or seen.add(f))], unmatched
+
+
+def _boxes_array(value, where: str, box_mode: str) -> np.ndarray:
+    try:
+        boxes = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{where}: boxes must be lists of 4 numbers ({e}).") from e
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise UsageError(f"{where}: boxes must have shape (N, 4), got {boxes.shape}.")
+    if box_mode == "XYWH":
+        boxes = BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+    return boxes.astype(np.float32)
+
+
+def read_box_file(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """image key (or ALL_IMAGES) -> (boxes (N, 4) XYXY, scores (N,) or None) from a --boxes file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"Cannot read the boxes file {path}: {e}") from e
+    table: Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]] = {}
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"Boxes file {path} is not valid JSON: {e}") from e
+        if isinstance(data, list):
+            return {ALL_IMAGES: (_boxes_array(data, f"Boxes file {path}", box_mode), None)}
+        if not isinstance(data, dict):
+            raise UsageError(f"Boxes file {path} must hold a dict of image -> boxes, or a list of boxes.")
+        for key, value in data.items():
+            where = f"Boxes file {path}, image {key!r}"
+            scores = None
+            if isinstance(value, dict):
+                if "boxes" not in value:
+                    raise UsageError(f"{where}: an entry that is a dict needs 'boxes'.")
+                scores = value.get("scores")
+                value = value["boxes"]
+            boxes = _boxes_array(value, where, box_mode)
+            if scores is not None:
+                scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+                if scores.shape[0] != boxes.shape[0]:
+                    raise UsageError(f"{where}: {scores.shape[0]} scores for {boxes.shape[0]} boxes.")
+            table[str(key)] = (boxes, scores)
+        return table
+    rows: Dict[str, list] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].replace(",", " ").split()
+        if not line:
+            continue
+        if len(line) < 4:
+            raise UsageError(f"Boxes file {path}, line {lineno}: expected '[image] x0 y0 x1 y1'.")
+        key = " ".join(line[:-4]) or ALL_IMAGES
+        try:
+            rows.setdefault(key, []).append([float(v) for v in line[-4:]])
+        except ValueError:
+            raise UsageError(f"Boxes file {path}, line {lineno}: {line[-4:]} are not 4 numbers.") from None
+    if ALL_IMAGES in rows and len(rows) > 1:
+        raise UsageError(f"Boxes file {path} mixes lines with and without an image name.")
+    return {k: (_boxes_array(v, f"Boxes file {path}", box_mode), None) for k, v in rows.items()}
+
+
+def read_image_ids(path: Optional[str]) -> Dict[str, object]:
+    """file name -> image id from a COCO/LVIS-format json's 'images'."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            images = json.load(f)["images"]
+        return {os.path.basename(im.get("file_name") or im["coco_url"]): im["id"] for im in images}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--image-ids {path} is not a readable COCO/LVIS json with 'images': {e}") from e
+
+
+def image_id_of(path: str, ids: Dict[str, object]):
+    """The id of an image in the JSON output: from --image-ids, a numeric file name, or the file name."""
+    name = os.path.basename(path)
+    if name in ids:
+        return ids[name]
+    stem = os.path.splitext(name)[0]
+    return int(stem) if stem.isdigit() else name
+
+
+def lookup_prompts(table: Dict, path: str, image_id) -> Optional[tuple]:
+    """An image's entry in a boxes/proposals table, by image id, path, file name or stem."""
+    name = os.path.basename(path)
+    stem = os.path.splitext(name)[0]
+    keys = [str(image_id), path, os.path.abspath(path), name, stem]
+    if stem.isdigit():
+        keys.append(str(int(stem)))
+    for key in keys:
+        if key in table:
+            return table[key]
+    return table.get(ALL_IMAGES)
+
+
+def resolve_vocabulary(args: argparse.Namespace, cfg: CfgNode) -> Tuple[VocabularyLike, Optional[str]]:
+    """(the vocabulary for the predictor, the dataset spec its category ids come from, if any)."""
+    spec = args.vocabulary or cfg.MODEL.REGIONSPOT.VOCABULARY or (
+        cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "lvis")
+    if spec != "custom":
+        if args.custom_vocabulary:
+            raise UsageError("--custom-vocabulary needs --vocabulary custom.")
+        if os.path.isfile(spec) or spec.endswith((".pth", ".pt")):
+            if args.synonyms:
+                raise UsageError("--synonyms cannot change a text-embedding file: make it with "
+                                 "tools/dump_text_embeddings.py --synonyms.")
+            return spec, None
+        if args.synonyms:
+            try:
+                return vocabulary_synonyms(spec), spec
+            except (KeyError, ValueError) as e:
+                raise UsageError(str(e).strip('"')) from e
+        return spec, spec
+    custom = args.custom_vocabulary
+    try:
+        if not custom:
+            if not cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY:
+                raise UsageError("--vocabulary custom needs --custom-vocabulary 'a,b,c' or a file of names.")
+            names, groups = parse_vocabulary(list(cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY),
+                                             "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
+        elif custom.endswith((".pth", ".pt")):
+            return custom, None
+        elif os.path.isfile(custom):
+            names, groups = read_vocabulary_file(custom)
+        else:
+            names, groups = parse_vocabulary([s.strip() for s in custom.split(",") if s.strip()],
+                                             "--custom-vocabulary")
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    if groups and args.synonyms:
+        return groups, None
+    if groups:
+        logger.info("The custom vocabulary lists synonyms; pass --synonyms to average them.")
+    elif args.synonyms:
+        raise UsageError("--synonyms: the custom vocabulary lists no synonyms ('name | synonym' lines).")
+    return names, None
+
+
+def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
+    """Category ids of the vocabulary's classes: the dataset's own ids, else 1..C as in COCO."""
+    if spec:
+        meta = MetadataCatalog.get(BUILTIN_VOCABULARIES.get(spec, spec))
+        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+        if mapping and len(mapping) == num_classes:
+            inverse = {v: k for k, v in mapping.items()}
+            return [inverse[i] for i in range(num_classes)]
+    return list(range(1, num_classes + 1))
+
+
+def output_path(output: str, image: str, single: bool, used: set) -> str:
+    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output):
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        return output
+    os.makedirs(output, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(image))[0]
+    name, n = stem, 1
+    while name in used:  # two inputs with one name from different folders
+        name, n = f"{stem}_{n}", n + 1
+    used.add(name)
+    return os.path.join(output, name + ".png")
+
+
+def write_json(path: str, data) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.classes_per_region < 1:
+        raise UsageError(f"--classes-per-region must be at least 1, got {args.classes_per_region}.")
+    cfg = setup_cfg(args)
+    images, unmatched = find_images(args.input)
+    for item in unmatched:
+        logger.error(f"--input {item} matches no image file.")
+    if not images:
+        raise UsageError(f"No images found in --input {args.input}.")
+    table = None
+    if args.boxes:
+        table = read_box_file(args.boxes, args.box_mode)
+    elif args.proposals:
+        try:
+            table = read_json_proposals(args.proposals, args.box_mode)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"Cannot read --proposals {args.proposals}: {e}") from e
+    ids = read_image_ids(args.image_ids)
+    vocabulary, id_spec = resolve_vocabulary(args, cfg)
+
+    predictor = RegionSpotPredictor(cfg)
+    try:
+        names, _ = predictor.vocabulary_embeddings(vocabulary)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"Bad vocabulary: {str(e).strip(chr(34))}") from e
+    metadata = predictor.metadata(vocabulary)
+    cat_ids = category_ids(id_spec, len(names))
+    use_scores = args.proposals is not None and cfg.MODEL.REGIONSPOT.USE_PROPOSAL_SCORE
+    top_k = max(args.classes_per_region, predictor.top_k)
+
+    failures: List[Tuple[str, str]] = [(item, "matches no image file") for item in unmatched]
+    results, used_names = [], set()
+    for path in tqdm(images, desc="RegionSpot demo", unit="image"):
+        try:
+            rgb = read_image(path, format="RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            failures.append((path, f"unreadable image ({e})"))
+            logger.error(f"Skipping {path}: unreadable image ({e}).")
+            continue
+        image_id = image_id_of(path, ids)
+        predictor.set_image(rgb, format="RGB")
+        scores = None
+        if args.sam_auto:
+            boxes = predictor.sam_auto_boxes()
+        else:
+            entry = lookup_prompts(table, path, image_id)
+            if entry is None:
+                source = args.boxes or args.proposals
+                if cfg.MODEL.REGIONSPOT.MISSING_PROPOSALS == "error":
+                    failures.append((path, f"no prompts in {source}"))
+                    logger.error(f"Skipping {path}: {source} has no entry for it (image id {image_id!r}); set "
+                                 "--opts MODEL.REGIONSPOT.MISSING_PROPOSALS empty to give it no detections.")
+                    continue
+                entry = (np.zeros((0, 4), np.float32), None)
+            boxes, scores = entry
+            if args.proposal_topk > 0 and scores is not None and len(scores) > args.proposal_topk:
+                top = np.argsort(-scores, kind="stable")[: args.proposal_topk]
+                boxes, scores = boxes[top], scores[top]
+            if not use_scores:
+                scores = None
+        try:
+            res = predictor.predict(boxes=boxes, prompt_scores=scores, vocabulary=vocabulary, top_k=top_k)
+        except ValueError as e:
+            failures.append((path, str(e)))
+            logger.error(f"Skipping {path}: {e}")
+            continue
+        res = res.cpu()
+        if args.json_output:
+            pairs = res.to_instances(args.classes_per_region)
+            pairs = pairs[pairs.scores >= args.confidence_threshold]
+            for rec in instances_to_json(pairs, image_id):
+                rec["category_name"] = names[rec["category_id"]]
+                rec["category_id"] = cat_ids[rec["category_id"]]
+                results.append(rec)
+        if args.output:
+            instances = res.to_instances()
+            instances = instances[instances.scores >= args.confidence_threshold]
+            vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
+            drawn = vis.draw_instance_predictions(instances)
+            drawn.save(output_path(args.output, path, len(images) == 1, used_names))
+
+    if args.json_output:
+        write_json(args.json_output, results)
+    done = len(images) - sum(1 for f, _ in failures if f in images)
+    summary = f"RegionSpot demo: {done} of {len(images)} images done"
+    if args.json_output:
+        summary += f", {len(results)} detections in {args.json_output}"
+    if args.output:
+        summary += f", pictures in {args.output}"
+    print(summary + ".", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} failed:", file=sys.stderr)
+        for item, why in failures:
+            print(f"  {item}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="fvcore")
+    setup_logger(name="regionspot", abbrev_name="regionspot")
+    sys.exit(main())
