@@ -183,6 +183,18 @@ def test_vocabulary_swap_keeps_features_and_changes_classes(predictor):
     assert torch.allclose(emb[0], torch.nn.functional.normalize(parts.sum(0), dim=0), atol=1e-6)
 
 
+def test_new_clip_weights_invalidate_cached_vocabularies(predictor):
+    names = ["cat", "dog"]
+    _, before = predictor.vocabulary_embeddings(names)
+    clip = predictor.model.clip_encoder
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in clip.state_dict().items()}
+    clip.load_state_dict(state)
+    _, after = predictor.vocabulary_embeddings(names)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, predictor.model._encode_text(["a photo of a cat.", "a photo of a dog."]), atol=1e-6)
+
+
 def test_predict_batch_matches_single_images_and_batches_the_encoders(predictor):
     images = [_image(i) for i in range(3)]
     boxes = [[[30, 20, 80, 60]], [[0, 0, 64, 64], [10, 10, 120, 90]], np.zeros((0, 4))]

@@ -302,7 +302,7 @@ class RegionSpotPredictor:
         """(class names, (C, D) text embeddings on the model's device) of a vocabulary.
 
         A string goes to the model (its in-memory cache is per spec); a list of names is cached
-        here, keyed by the names, and on disk by `cached_class_embeddings`.
+        here, keyed by the CLIP fingerprint and the names, and on disk by `cached_class_embeddings`.
         """
         if vocabulary is None:
             vocabulary = self.default_vocabulary
@@ -315,7 +315,8 @@ class RegionSpotPredictor:
         if not isinstance(vocabulary, (list, tuple)):
             raise TypeError(f"A vocabulary is a spec string or a list of class names, not {type(vocabulary).__name__}.")
         names, groups = parse_vocabulary(vocabulary, "the vocabulary list")
-        key = (tuple(names), None if groups is None else tuple(map(tuple, groups)))
+        # The fingerprint changes when new CLIP weights are loaded: then the names are encoded anew.
+        key = (self.model.fingerprint, tuple(names), None if groups is None else tuple(map(tuple, groups)))
         if key in self._vocabularies:
             self._vocabularies.move_to_end(key)
         else:
