@@ -66,6 +66,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.MAX_DETS_PER_IMAGE = 300
     # Predict masks with SAM (needed for segm evaluation).
     _C.MASK_ON = True
+    # Paste kept masks at full size with one interpolation from SAM's low-res logits instead of
+    # SAM's two (via a 1024x1024 buffer): same masks (IoU >= 0.99, tested), 1.5-7x faster on CPU.
+    _C.FAST_MASK_PASTE = True
 
     # Training. Region tokens come from SAM run inside each step on the augmented image
     # ("online", exact under any augmentation) or from tools/extract_sam_tokens.py's cache

@@ -81,6 +81,7 @@ class RegionSpot(nn.Module):
         use_proposal_score: bool = True,
         max_dets_per_image: int = 300,
         mask_on: bool = True,
+        fast_mask_paste: bool = True,
         sam_auto_params: Optional[Dict] = None,
     ):
         """
@@ -98,6 +99,7 @@ class RegionSpot(nn.Module):
             use_proposal_score: multiply class probabilities by the proposal score when there is one.
             max_dets_per_image: (box, class) pairs kept per image.
             mask_on: predict masks.
+            fast_mask_paste: paste masks with one interpolation (see SamRegionEncoder.paste_masks).
             sam_auto_params: keyword arguments of SamAutomaticMaskGenerator.
         """
         super().__init__()
@@ -120,6 +122,7 @@ class RegionSpot(nn.Module):
         self.use_proposal_score = use_proposal_score
         self.max_dets_per_image = max_dets_per_image
         self.mask_on = mask_on
+        self.fast_mask_paste = fast_mask_paste
         self.sam_auto_params = dict(sam_auto_params or {})
         self._text_embeddings: Dict[str, Tuple[List[str], torch.Tensor]] = {}
         self._fingerprint: Optional[str] = None
@@ -152,6 +155,7 @@ class RegionSpot(nn.Module):
             "use_proposal_score": c.USE_PROPOSAL_SCORE,
             "max_dets_per_image": c.MAX_DETS_PER_IMAGE,
             "mask_on": c.MASK_ON,
+            "fast_mask_paste": c.FAST_MASK_PASTE,
             "sam_auto_params": {
                 "points_per_side": c.SAM_AUTO.POINTS_PER_SIDE,
                 "pred_iou_thresh": c.SAM_AUTO.PRED_IOU_THRESH,
@@ -344,7 +348,7 @@ class RegionSpot(nn.Module):
         result.pred_classes = classes
         if self.mask_on:
             unique, inverse = torch.unique(box_idx, return_inverse=True)
-            masks = [self.sam_encoder.paste_masks(chunk, input_size, out_size)
+            masks = [self.sam_encoder.paste_masks(chunk, input_size, out_size, fast=self.fast_mask_paste)
                      for chunk in low_res[unique].split(16)]
             masks = torch.cat(masks) if masks else torch.zeros((0, *out_size), dtype=torch.bool, device=self.device)
             result.pred_masks = IndexedMasks(masks, inverse)
