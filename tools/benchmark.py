@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--compare-autocast", default="", choices=["", "bf16", "fp16"],
                    help="run fp32 and this precision on the same inputs; report speed-up and agreement")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--max-rss-gb", type=float, default=0.0, help="exit 1 if peak RSS exceeds this (CPU)")
+    p.add_argument("--max-rss-gb", type=float, default=0.0,
+                   help="exit 1 if peak RSS exceeds this (CPU; measure one precision at a time)")
     p.add_argument("--json", default="", help="append the result as a JSON line to this file")
     return p.parse_args(argv)
 
@@ -124,32 +125,40 @@ class StageTimer:
         return wrapper
 
 
-def run(args, autocast: str):
-    model = build(args, autocast)
-    timer = StageTimer(model)
+def run(args, modes):
+    """Time each precision in `modes` on the same images, alternating per image so that a noisy,
+    shared machine slows them alike; returns per mode (per-image stage times, outputs, embeddings)."""
+    models = {m: build(args, m) for m in modes}
+    timers = {m: StageTimer(model) for m, model in models.items()}
     warm = make_inputs(args, args.batch, seed=1)
-    model(warm)
-    timer.times.clear()
+    for m, model in models.items():
+        model(warm)
+        timers[m].times.clear()
     inputs = make_inputs(args, args.images)
-    if model.device.type == "cuda":
+    if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t0 = timer._now()
-    outputs = []
+    totals = {m: 0.0 for m in modes}
+    outputs = {m: [] for m in modes}
     for i in range(0, len(inputs), args.batch):
-        outputs += model(inputs[i:i + args.batch])
-    total = timer._now() - t0
+        for m, model in models.items():
+            t0 = timers[m]._now()
+            outputs[m] += model(inputs[i:i + args.batch])
+            totals[m] += timers[m]._now() - t0
     n = len(inputs)
-    per_image = {k: timer.times[k] / n for k in STAGES}
-    per_image["total"] = total / n
-    per_image["other"] = per_image["total"] - sum(per_image[k] for k in STAGES)
-    # Region embeddings for agreement checks (same inputs, same weights).
-    with torch.no_grad():
-        images = [x["image"].to(model.device) for x in inputs[:1]]
-        sam_emb, _, clip_tokens = model.encode_images(images)
-        boxes = inputs[0]["instances"].gt_boxes.tensor.to(model.device)
-        tokens, _ = model.decode_regions(sam_emb[0], boxes, tuple(images[0].shape[-2:]))
-        emb = model.embed_regions([tokens], clip_tokens)[0].float().cpu()
-    return per_image, outputs, emb
+    results = {}
+    for m, model in models.items():
+        per_image = {k: timers[m].times[k] / n for k in STAGES}
+        per_image["total"] = totals[m] / n
+        per_image["other"] = per_image["total"] - sum(per_image[k] for k in STAGES)
+        # Region embeddings of the first image, for agreement checks (same inputs, same weights).
+        with torch.no_grad():
+            images = [inputs[0]["image"].to(model.device)]
+            sam_emb, _, clip_tokens = model.encode_images(images)
+            boxes = inputs[0]["instances"].gt_boxes.tensor.to(model.device)
+            tokens, _ = model.decode_regions(sam_emb[0], boxes, tuple(images[0].shape[-2:]))
+            emb = model.embed_regions([tokens], clip_tokens)[0].float().cpu()
+        results[m] = (per_image, outputs[m], emb)
+    return results
 
 
 def peak_memory_gb(device: str) -> float:
@@ -178,11 +187,10 @@ def main(argv=None) -> int:
           f"batch {args.batch}, {args.images} timed images", flush=True)
     header = "| precision | " + " | ".join(f"{k} ms" for k in (*STAGES, "other", "total")) + " | img/s | peak GB |"
     print(header + "\n|" + "---|" * (len(STAGES) + 5))
-    results = {}
     modes = [args.autocast] if not args.compare_autocast else ["", args.compare_autocast]
-    for mode in modes:
-        t, outputs, emb = run(args, mode)
-        mem = peak_memory_gb(args.device)
+    results = {}
+    for mode, (t, outputs, emb) in run(args, modes).items():
+        mem = peak_memory_gb(args.device)  # with --compare-autocast: both models together
         results[mode or "fp32"] = {"per_image_s": t, "peak_gb": mem, "emb": emb, "outputs": outputs}
         print(fmt_row(mode or "fp32", t, mem), flush=True)
         share = t["other"] / t["total"]
