@@ -152,13 +152,14 @@ def test_an_image_missing_from_the_boxes_file(folder, tmp_path, capsys):
                 opts=("MODEL.REGIONSPOT.MISSING_PROPOSALS", "empty")) == 0
 
 
-def test_inputs_by_glob_and_name_collisions(folder, tmp_path):
+def test_inputs_by_glob_and_name_collisions(folder, tmp_path, capsys):
     other = tmp_path / "copy"
     other.mkdir()
     shutil.copy(os.path.join(folder["images"], "val_00000.png"), other / "val_00000.png")
     out = tmp_path / "vis"
     assert _run("--input", os.path.join(folder["images"], "val_0000[01].png"), str(other),
-                "--boxes", folder["boxes_file"], "--output", str(out)) == 0
+                str(tmp_path / "typo*.jpg"), "--boxes", folder["boxes_file"], "--output", str(out)) == 1
+    assert "typo*.jpg: matches no image file" in capsys.readouterr().err  # reported; the rest still done
     assert sorted(os.listdir(out)) == ["val_00000.png", "val_00000_1.png", "val_00001.png"]
 
 

@@ -16,7 +16,7 @@ from detectron2.config import CfgNode, configurable, get_cfg
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 from PIL import Image
 from tqdm import tqdm
 
@@ -474,8 +474,13 @@ class RegionSpotPredictor:
     @staticmethod
     def _boxes_of_points(masks: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A point-prompted region's box is its mask's box; an empty mask gets its foreground points' box."""
-        boxes = BitMasks(masks).get_bounding_boxes().tensor.to(masks.device)
-        empty = ~masks.flatten(1).any(dim=1)
+        cols, rows = masks.any(dim=1), masks.any(dim=2)  # (N, W), (N, H); first/last True bound the mask
+        w, h = cols.shape[1], rows.shape[1]
+        boxes = torch.stack([
+            cols.int().argmax(dim=1), rows.int().argmax(dim=1),
+            w - cols.flip(1).int().argmax(dim=1), h - rows.flip(1).int().argmax(dim=1),
+        ], dim=1).float()
+        empty = ~cols.any(dim=1)
         for i in empty.nonzero().flatten().tolist():
             fg = points[i][labels[i] == 1]
             fg = fg if fg.numel() else points[i][labels[i] >= 0]
