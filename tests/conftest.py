@@ -7,7 +7,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # train_net.py and tools/ are importable from tests
+sys.path.insert(0, ROOT)  # train_net.py is importable from tests (load tools/ scripts by path)
 
 warnings.filterwarnings("ignore", category=UserWarning, module="clip")
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
