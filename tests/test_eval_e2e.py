@@ -11,7 +11,6 @@ its probability is > 1/C while any other region's probability for that class is 
 every class ranks its regions perfectly, hence box AP 100 with ground-truth boxes as prompts.
 """
 import json
-import os
 import pickle
 
 import numpy as np

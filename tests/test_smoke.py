@@ -1,4 +1,3 @@
-import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 

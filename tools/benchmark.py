@@ -12,7 +12,6 @@ synthetic images with random boxes; the vocabulary is random unit vectors of --n
 classes (text encoding is cached in real use, so it is not part of per-image cost).
 """
 import argparse
-import contextlib
 import json
 import platform
 import resource

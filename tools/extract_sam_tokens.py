@@ -7,7 +7,6 @@
 Writes one file per image under OUTPUT/<dataset>/<sam type>/. Restarting a killed run redoes
 nothing already written; truncated or corrupt files are redone.
 """
-import logging
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)

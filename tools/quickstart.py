@@ -26,7 +26,6 @@ from detectron2.utils.visualizer import Visualizer
 from regionspot import add_regionspot_config
 from regionspot.trainer import RegionSpotTrainer
 from regionspot.token_extraction import extract_tokens
-from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "quickstart", "RegionSpot-tiny_synthetic.yaml")

@@ -4,7 +4,6 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable

@@ -5,7 +5,7 @@ The region token is the mask decoder's first output mask token (the one SAM uses
 so the `segment_anything` package is used exactly as published.
 """
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """Run frozen SAM over a dataset's ground-truth boxes and cache the region tokens per image."""
 import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
