@@ -7,12 +7,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from tqdm import tqdm
+
+from .file_io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -231,20 +232,11 @@ def save_embedding_file(path: str, names: Sequence[str], embeddings: torch.Tenso
 
     `synonyms`, when the embeddings average each class's synonyms, is recorded with them.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"format": FILE_FORMAT, "clip": fingerprint, "names": list(names),
                "templates": list(templates), "embeddings": embeddings.detach().float().cpu()}
     if synonyms is not None:
         payload["synonyms"] = [list(g) for g in synonyms]
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save(payload, path)
 
 
 def load_embedding_file(path: str, fingerprint: Optional[str] = None) -> dict:

@@ -9,11 +9,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from typing import Dict, Optional
 
 import torch
 
+from .file_io import atomic_torch_save
 from .text_embeddings import default_cache_dir
 
 FORMAT = "regionspot-sam-tokens-v1"
@@ -47,8 +47,6 @@ def save_tokens(path: str, *, image_id, file_name: str, image_size, tokens: torc
     """Write one image's tokens atomically (temp file + rename)."""
     if not (tokens.shape[0] == boxes.shape[0] == classes.shape[0]):
         raise ValueError(f"{path}: {tokens.shape[0]} tokens for {boxes.shape[0]} boxes and {classes.shape[0]} classes.")
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     payload = {
         "format": FORMAT, "image_id": image_id, "file_name": file_name, "source": source,
         "image_size": tuple(int(s) for s in image_size), "sam_type": sam_type,
@@ -56,14 +54,7 @@ def save_tokens(path: str, *, image_id, file_name: str, image_size, tokens: torc
         "boxes": boxes.detach().to("cpu", torch.float32).contiguous(),
         "classes": classes.detach().to("cpu", torch.int64).contiguous(),
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_torch_save(payload, path)
 
 
 def load_tokens(path: str, image_id=None) -> Dict:
