@@ -56,8 +56,9 @@ def to_original(state, with_frozen):
 
 
 def build(seed, *opts):
+    """A tiny model whose head and random encoders all come from `seed`."""
     torch.manual_seed(seed)
-    return build_model(tiny_cfg(*opts)).eval()
+    return build_model(tiny_cfg("MODEL.REGIONSPOT.RANDOM_INIT_SEED", seed, *opts)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -288,11 +289,9 @@ def _forget_downloads():
 
 def test_sam_weights_from_path_and_url(tmp_path, http_root):
     folder, base, stop = http_root
-    torch.manual_seed(11)
-    reference = build_sam("tiny", "random").state_dict()
+    reference = build_sam("tiny", "random", seed=11).state_dict()
     torch.save(reference, folder / "sam_tiny.pth")
-    torch.manual_seed(12)
-    assert any(not torch.equal(v, reference[k]) for k, v in build_sam("tiny", "random").state_dict().items())
+    assert any(not torch.equal(v, reference[k]) for k, v in build_sam("tiny", "random", seed=12).state_dict().items())
 
     def check(sam):
         state = sam.state_dict()
@@ -316,8 +315,7 @@ def test_sam_weights_from_path_and_url(tmp_path, http_root):
 
 def test_clip_weights_from_path_and_url(tmp_path, http_root):
     folder, base, stop = http_root
-    torch.manual_seed(21)
-    reference = build_clip("tiny", "random").state_dict()
+    reference = build_clip("tiny", "random", seed=21).state_dict()
     # OpenAI's CLIP files hold fp16 weights, and the clip package loads them through fp16.
     torch.save({k: v.half() for k, v in reference.items()}, folder / "clip_tiny.pt")
     reference = {k: v.half().float() for k, v in reference.items()}

@@ -41,7 +41,7 @@ def text_calls(monkeypatch):
 
 def _model(*opts, seed=0, state=None):
     torch.manual_seed(seed)
-    model = build_model(tiny_cfg(*opts)).eval()
+    model = build_model(tiny_cfg("MODEL.REGIONSPOT.RANDOM_INIT_SEED", seed, *opts)).eval()
     if state is not None:
         model.load_state_dict(state)
     return model

@@ -27,8 +27,7 @@ dump = _load_tool("dump_text_embeddings")
 
 def _traced_clip(path: str, seed: int) -> str:
     """A tiny CLIP saved as a JIT archive, the format of OpenAI's files, so `clip.load` reads it."""
-    torch.manual_seed(seed)
-    model = build_clip("tiny", "random")
+    model = build_clip("tiny", "random", seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter
         traced = torch.jit.trace(model, (torch.zeros(1, 3, 64, 64), torch.zeros(1, 77, dtype=torch.long)),

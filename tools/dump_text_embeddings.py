@@ -99,7 +99,7 @@ def dump(args: argparse.Namespace) -> str:
     names, groups = vocabulary_groups(args, cfg)
     c = cfg.MODEL.REGIONSPOT
     device = torch.device(cfg.MODEL.DEVICE)
-    encoder = ClipImageTextEncoder(build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT),
+    encoder = ClipImageTextEncoder(build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
                                    c.CLIP.INPUT_SIZE).to(device).eval()
     dtype = _AUTOCAST.get(c.AUTOCAST)
 

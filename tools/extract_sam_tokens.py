@@ -39,7 +39,8 @@ def main(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
-    sam = SamRegionEncoder(build_sam(cfg.MODEL.REGIONSPOT.SAM.TYPE, cfg.MODEL.REGIONSPOT.SAM.CHECKPOINT),
+    sam = SamRegionEncoder(build_sam(cfg.MODEL.REGIONSPOT.SAM.TYPE, cfg.MODEL.REGIONSPOT.SAM.CHECKPOINT,
+                                     cfg.MODEL.REGIONSPOT.RANDOM_INIT_SEED),
                            cfg.MODEL.REGIONSPOT.SAM.DECODE_CHUNK).to(device).eval()
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)

@@ -69,13 +69,18 @@ def draw_predictions(cfg, model, out_dir: str, num: int, score_threshold: float 
             break
         inst = model(batch)[0]["instances"].to("cpu")
         # Pairs are sorted by score, so the first pair of each box is its top class.
+        if inst.has("pred_masks"):
+            box_ids = inst.pred_masks.index
+        else:
+            box_ids = torch.unique(inst.pred_boxes.tensor, dim=0, return_inverse=True)[1]
         seen, keep = set(), []
-        for j, b in enumerate(inst.pred_masks.index.tolist()):
+        for j, b in enumerate(box_ids.tolist()):
             if b not in seen and inst.scores[j] >= score_threshold:
                 seen.add(b)
                 keep.append(j)
         inst = inst[keep]
-        inst.remove("pred_masks")  # the tiny SAM is random: its masks would only clutter the picture
+        if inst.has("pred_masks"):
+            inst.remove("pred_masks")  # the tiny SAM is random: its masks would only clutter the picture
         image = batch[0]["image"].permute(1, 2, 0).numpy()  # RGB
         vis = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(inst)
         path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(batch[0]['file_name']))[0]}.png")

@@ -40,12 +40,15 @@ def available_clip_models() -> Tuple[str, ...]:
     return tuple(sorted(set(clip.available_models()) | set(_RANDOM_ARCHS)))
 
 
-def _build_random_clip(name: str) -> CLIP:
+def _build_random_clip(name: str, seed: int = 0) -> CLIP:
+    """Random weights from a fixed seed (global RNG untouched): every build gets the same CLIP."""
     embed, res, vl, vw, patch, tw, th, tl = _RANDOM_ARCHS[name]
-    return CLIP(embed, res, vl, vw, patch, 77, 49408, tw, th, tl)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(embed, res, vl, vw, patch, 77, 49408, tw, th, tl)
 
 
-def build_clip(name: str, checkpoint: str = "", download_root: str = "") -> CLIP:
+def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: int = 0) -> CLIP:
     """Build frozen CLIP in fp32 on the CPU.
 
     Args:
@@ -53,6 +56,7 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "") -> CLIP
         checkpoint: "" = download `name` through the clip package; "random" = random init;
             otherwise a local path or http(s) URL of an OpenAI-format CLIP file.
         download_root: cache folder for downloads by name ("" = the clip package default).
+        seed: seed of a random initialisation.
     """
     if name not in available_clip_models():
         raise ValueError(
@@ -62,7 +66,7 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "") -> CLIP
     if checkpoint == "random" or (checkpoint == "" and name == "tiny"):
         if name not in _RANDOM_ARCHS:
             raise ValueError(f"No architecture is known for a random {name!r} CLIP.")
-        return _build_random_clip(name).float().eval()
+        return _build_random_clip(name, seed).float().eval()
     if checkpoint == "":
         root = os.path.expanduser(download_root) if download_root else None
         model, _ = clip.load(name, device="cpu", jit=False, download_root=root)

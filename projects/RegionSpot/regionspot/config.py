@@ -29,6 +29,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CLIP.DOWNLOAD_ROOT = ""
     # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
     _C.CLIP.INPUT_SIZE = 224
+    # Seed of randomly initialised encoders (checkpoint "random", tiny models). Fixed, so every
+    # build and every process gets the same "random" SAM and CLIP.
+    _C.RANDOM_INIT_SEED = 0
 
     # Mixed precision for the frozen encoders: "" (fp32), "bf16" or "fp16". The head stays fp32.
     _C.AUTOCAST = ""

@@ -11,7 +11,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-from .token_cache import load_tokens, token_cache_folder, token_file
+from .token_cache import CorruptTokenFile, load_tokens, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,13 @@ class RegionSpotDatasetMapper(DatasetMapper):
     def _call_cached(self, dataset_dict: Dict) -> Dict:
         d = copy.deepcopy(dataset_dict)
         d.pop("annotations", None)
-        cache = load_tokens(token_file(self.token_folder, d["image_id"]), d["image_id"])
+        path = token_file(self.token_folder, d["image_id"])
+        cache = load_tokens(path, d["image_id"])
+        if cache.get("source") != source_key(dataset_dict):
+            raise CorruptTokenFile(
+                f"SAM token cache file {path} was made from other annotations of image "
+                f"{d.get('file_name')}: rerun tools/extract_sam_tokens.py (it redoes stale files)."
+            )
         aug_input = T.AugInput(self._read_image(d))
         transforms = self.augmentations(aug_input)
         unsafe = [t for t in transforms.transforms if not isinstance(t, _TOKEN_SAFE_TRANSFORMS)]

@@ -132,9 +132,11 @@ class RegionSpot(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.REGIONSPOT
-        sam_encoder = SamRegionEncoder(build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT), c.SAM.DECODE_CHUNK)
+        sam_encoder = SamRegionEncoder(build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED),
+                                       c.SAM.DECODE_CHUNK)
         clip_encoder = ClipImageTextEncoder(
-            build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT), c.CLIP.INPUT_SIZE
+            build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
+            c.CLIP.INPUT_SIZE,
         )
         head = RegionSpotHead(
             cfg, token_dim=sam_encoder.token_dim, clip_width=clip_encoder.width,

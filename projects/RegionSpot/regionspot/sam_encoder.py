@@ -54,15 +54,23 @@ def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
 
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+RANDOM_INIT_SEED = 0
 
 
-def build_sam(sam_type: str, checkpoint: str = "") -> Sam:
-    """Build SAM of `sam_type` and load `checkpoint` ("" = official, "random" = random init)."""
+def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED) -> Sam:
+    """Build SAM of `sam_type` and load `checkpoint` ("" = official, "random" = random init).
+
+    `seed` fixes the random initialisation (what stays of it when no checkpoint is loaded).
+    """
     if sam_type not in SAM_TYPES:
         raise ValueError(
             f"Unknown SAM type {sam_type!r} (MODEL.REGIONSPOT.SAM.TYPE); choose one of {SAM_TYPES}."
         )
-    sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
+    # Random weights come from a fixed seed (without touching the global RNG), so every build and
+    # every process gets the same "random" SAM: cached tokens, evaluation and DDP ranks agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):

@@ -78,6 +78,11 @@ def _ddp_for_cpu_models():
 
 class RegionSpotTrainer(DefaultTrainer):
     def __init__(self, cfg):
+        if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+            raise ValueError(
+                f"SOLVER.AMP.ENABLED=True needs CUDA (detectron2's AMPTrainer), but MODEL.DEVICE is "
+                f"{cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False to train on this device."
+            )
         with _ddp_for_cpu_models():
             super().__init__(cfg)
 
