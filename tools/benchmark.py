@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="instead: time building the model and VOCABULARY's text embeddings, cold "
                         "(encoding, filling the cache) then warm (from the cache)")
     p.add_argument("--templates", default="ensemble", help="template set for --startup")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides KEY VALUE ..., e.g. MODEL.REGIONSPOT.SAM.FUSED_ATTENTION False")
     return p.parse_args(argv)
 
 
@@ -84,6 +86,7 @@ def build(args, autocast: str, templates: str = "ensemble"):
     c.MAX_DETS_PER_IMAGE = args.top_k
     c.MASK_ON = not args.no_masks
     cfg.MODEL.DEVICE = args.device
+    cfg.merge_from_list(args.opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     text = F.normalize(torch.randn(args.num_classes, model.clip_encoder.text_dim), dim=-1)

@@ -41,7 +41,7 @@ def main(args):
     device = torch.device(cfg.MODEL.DEVICE)
     sam = SamRegionEncoder(build_sam(cfg.MODEL.REGIONSPOT.SAM.TYPE, cfg.MODEL.REGIONSPOT.SAM.CHECKPOINT,
                                      cfg.MODEL.REGIONSPOT.RANDOM_INIT_SEED),
-                           cfg.MODEL.REGIONSPOT.SAM.DECODE_CHUNK).to(device).eval()
+                           cfg.MODEL.REGIONSPOT.SAM.DECODE_CHUNK, cfg.MODEL.REGIONSPOT.SAM.FUSED_ATTENTION).to(device).eval()
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:

@@ -19,6 +19,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM.CHECKPOINT = ""
     # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
     _C.SAM.DECODE_CHUNK = 64
+    # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
+    # SAM's relative positions as the additive mask (regionspot/sam_attention.py): same outputs.
+    _C.SAM.FUSED_ATTENTION = True
 
     _C.CLIP = CN()
     # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".

@@ -133,7 +133,7 @@ class RegionSpot(nn.Module):
     def from_config(cls, cfg):
         c = cfg.MODEL.REGIONSPOT
         sam_encoder = SamRegionEncoder(build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED),
-                                       c.SAM.DECODE_CHUNK)
+                                       c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION)
         clip_encoder = ClipImageTextEncoder(
             build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
             c.CLIP.INPUT_SIZE,

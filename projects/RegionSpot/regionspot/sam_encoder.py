@@ -20,6 +20,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from .sam_attention import use_fused_attention
 from .weights import load_weights_file
 
 SAM_CHECKPOINT_URLS = {
@@ -89,9 +90,18 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
 class SamRegionEncoder(nn.Module):
     """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
 
-    def __init__(self, sam: Sam, decode_chunk: int = 64):
+    def __init__(self, sam: Sam, decode_chunk: int = 64, fused_attention: bool = False):
+        """
+        Args:
+            sam: a built SAM (frozen by the caller).
+            decode_chunk: boxes per mask-decoder call.
+            fused_attention: run the image encoder's attention through `sam_attention`
+                (same outputs, less time and memory).
+        """
         super().__init__()
         self.sam = sam
+        if fused_attention:
+            use_fused_attention(sam.image_encoder)
         self.decode_chunk = max(1, int(decode_chunk))
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self._captured: List[torch.Tensor] = []
