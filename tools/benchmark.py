@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--autocast", default="", choices=["", "bf16", "fp16"])
     p.add_argument("--compare-autocast", default="", choices=["", "bf16", "fp16"],
                    help="run fp32 and this precision on the same inputs; report speed-up and agreement")
+    p.add_argument("--compare-opts", nargs="+", default=[], metavar="KEY VALUE",
+                   help="run without and with these config overrides, alternating per image, e.g. "
+                        "MODEL.REGIONSPOT.SAM.FUSED_ATTENTION False")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--max-rss-gb", type=float, default=0.0,
                    help="exit 1 if peak RSS exceeds this (CPU; measure one precision at a time)")
@@ -75,7 +78,7 @@ def startup(args) -> dict:
     return times
 
 
-def build(args, autocast: str, templates: str = "ensemble"):
+def build(args, autocast: str, templates: str = "ensemble", extra_opts=()):
     cfg = get_cfg()
     add_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
@@ -86,7 +89,7 @@ def build(args, autocast: str, templates: str = "ensemble"):
     c.MAX_DETS_PER_IMAGE = args.top_k
     c.MASK_ON = not args.no_masks
     cfg.MODEL.DEVICE = args.device
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_list(list(args.opts) + list(extra_opts))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     text = F.normalize(torch.randn(args.num_classes, model.clip_encoder.text_dim), dim=-1)
@@ -148,10 +151,12 @@ class StageTimer:
         return wrapper
 
 
-def run(args, modes):
-    """Time each precision in `modes` on the same images, alternating per image so that a noisy,
-    shared machine slows them alike; returns per mode (per-image stage times, outputs, embeddings)."""
-    models = {m: build(args, m) for m in modes}
+def run(args, variants):
+    """Time each (label, autocast, config overrides) variant on the same images, alternating per
+    image so that a noisy, shared machine slows them alike; returns per label (per-image stage
+    times, outputs, region embeddings of the first image)."""
+    modes = [label for label, _, _ in variants]
+    models = {label: build(args, autocast, extra_opts=opts) for label, autocast, opts in variants}
     timers = {m: StageTimer(model) for m, model in models.items()}
     warm = make_inputs(args, args.batch, seed=1)
     for m, model in models.items():
@@ -216,26 +221,33 @@ def main(argv=None) -> int:
           f"batch {args.batch}, {args.images} timed images", flush=True)
     header = "| precision | " + " | ".join(f"{k} ms" for k in (*STAGES, "other", "total")) + " | img/s | peak GB |"
     print(header + "\n|" + "---|" * (len(STAGES) + 5))
-    modes = [args.autocast] if not args.compare_autocast else ["", args.compare_autocast]
+    base = args.autocast or "fp32"
+    if args.compare_autocast:
+        variants = [("fp32", "", []), (args.compare_autocast, args.compare_autocast, [])]
+    elif args.compare_opts:
+        variants = [(base, args.autocast, []), (f"{base} + {' '.join(args.compare_opts)}", args.autocast,
+                                                args.compare_opts)]
+    else:
+        variants = [(base, args.autocast, [])]
     results = {}
-    for mode, (t, outputs, emb) in run(args, modes).items():
-        mem = peak_memory_gb(args.device)  # with --compare-autocast: both models together
-        results[mode or "fp32"] = {"per_image_s": t, "peak_gb": mem, "emb": emb, "outputs": outputs}
-        print(fmt_row(mode or "fp32", t, mem), flush=True)
+    for label, (t, outputs, emb) in run(args, variants).items():
+        mem = peak_memory_gb(args.device)  # when comparing: both models together
+        results[label] = {"per_image_s": t, "peak_gb": mem, "emb": emb, "outputs": outputs}
+        print(fmt_row(label, t, mem), flush=True)
         share = t["other"] / t["total"]
         print(f"  time outside encoders/decoder/head/masks: {share * 100:.1f}%", flush=True)
     record = {"args": vars(args), "device": describe(args)}
     for k, v in results.items():
         record[k] = {"per_image_s": v["per_image_s"], "peak_gb": v["peak_gb"]}
-    if args.compare_autocast:
-        a, b = results["fp32"], results[args.compare_autocast]
+    if len(variants) == 2:
+        a, b = results[variants[0][0]], results[variants[1][0]]
         speedup = a["per_image_s"]["total"] / b["per_image_s"]["total"]
         cos = F.cosine_similarity(a["emb"], b["emb"], dim=-1)
         same_top = sum(
             int((x["instances"].pred_classes[:1] == y["instances"].pred_classes[:1]).all())
             for x, y in zip(a["outputs"], b["outputs"])
         )
-        print(f"{args.compare_autocast} vs fp32: speed-up {speedup:.2f}x end to end; region-embedding cosine "
+        print(f"{variants[1][0]} vs {variants[0][0]}: speed-up {speedup:.2f}x end to end; region-embedding cosine "
               f"min {cos.min():.4f} mean {cos.mean():.4f}; same top detection class on {same_top}/{len(a['outputs'])} images")
         record["compare"] = {"speedup": speedup, "cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
     if args.json:
