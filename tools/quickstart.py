@@ -19,15 +19,15 @@ import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import default_setup
 from detectron2.utils.visualizer import Visualizer
-from regionspot import add_regionspot_config
 from regionspot.trainer import RegionSpotTrainer
 from regionspot.token_extraction import extract_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train_net import setup  # noqa: E402  (the same cfg setup as training and evaluation)
+
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "quickstart", "RegionSpot-tiny_synthetic.yaml")
 logger = logging.getLogger("regionspot.quickstart")
 
@@ -39,16 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
-
-
-def setup(args):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False, opts=args.opts))
-    return cfg
 
 
 def bbox_ap(results) -> float:
