@@ -149,6 +149,6 @@ class ClipImageTextEncoder(nn.Module):
         return x.permute(1, 0, 2)
 
     def encode_text(self, prompts) -> torch.Tensor:
-        """A list of strings -> (N, D) L2-normalised text embeddings."""
+        """A list of strings -> (N, D) text embeddings, as CLIP projects them (not normalised)."""
         tokens = clip.tokenize(list(prompts), truncate=True).to(self.pixel_mean.device)
-        return F.normalize(self.clip_model.encode_text(tokens).float(), dim=-1)
+        return self.clip_model.encode_text(tokens).float()

@@ -1,5 +1,4 @@
 """The RegionSpot meta-architecture: frozen SAM + frozen CLIP + a trainable fusion head."""
-import contextlib
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -228,8 +227,10 @@ class RegionSpot(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def _autocast(self):
+        """The frozen encoders' precision: MODEL.REGIONSPOT.AUTOCAST, whatever autocast surrounds
+        the call (e.g. AMP training), so cached text embeddings never depend on the caller."""
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
@@ -382,10 +383,14 @@ class RegionSpot(nn.Module):
         # A zero that touches every head parameter: keeps backward (and DDP's reducer) valid for
         # a batch whose crops dropped every box.
         total = sum(p.sum() for p in self.head.parameters()) * 0.0
+        num_regions = 0
         for x, emb in zip(batched_inputs, region_emb):
             _, text_emb = self.text_embeddings(x.get("vocabulary"))
             logits = self.classify(emb, text_emb)
             targets = F.one_hot(x["instances"].gt_classes.to(self.device), text_emb.shape[0]).float()
-            total = total + sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none").mean(1).sum()
-        # Mean over classes, summed over regions, normalised per image.
-        return {"loss_focal": total / len(batched_inputs)}
+            # Mean over classes, times the number of classes: the sum over classes.
+            total = total + sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none").sum()
+            num_regions += emb.shape[0]
+        # Summed over regions and normalised by their number: the reference's
+        # `loss.mean(1).sum() / num_boxes * num_classes` on (regions, classes) logits.
+        return {"loss_focal": total / max(num_regions, 1)}

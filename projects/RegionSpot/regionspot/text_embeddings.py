@@ -53,6 +53,8 @@ TEMPLATE_SETS = {
 BUILTIN_VOCABULARIES = {"lvis": "lvis_v1_val", "coco": "coco_2017_val"}
 _NAME_SUFFIXES = ("-other", "-merged", "-stuff")
 FILE_FORMAT = "regionspot-text-embeddings-v1"
+# Part of every cache key: bumped whenever the way embeddings are computed changes.
+_EMBEDDING_VERSION = "mean-then-normalise"
 
 
 def get_templates(name: str) -> Sequence[str]:
@@ -214,7 +216,7 @@ def clip_fingerprint(clip_model: torch.nn.Module) -> str:
 
 def cache_key(fingerprint: str, names: Sequence[str], templates: Sequence[str],
               synonyms: Optional[Sequence[Sequence[str]]] = None) -> str:
-    parts = [fingerprint, list(names), list(templates)]
+    parts = [_EMBEDDING_VERSION, fingerprint, list(names), list(templates)]
     if synonyms is not None:  # only then: keys of plain vocabularies stay as they were
         parts.append([list(g) for g in synonyms])
     blob = json.dumps(parts, ensure_ascii=False)
@@ -268,7 +270,9 @@ def encode_class_names(
     templates: Sequence[str],
     chunk_size: int = 256,
 ) -> torch.Tensor:
-    """Mean of the L2-normalised prompt embeddings over the templates, L2-normalised: (C, D).
+    """Mean of the encoded prompts over the templates, then L2-normalised: (C, D). (As in the
+    reference setup the released heads were trained with: prompts are not normalised before
+    averaging.)
 
     Prompts are encoded `chunk_size` at a time, so memory does not grow with the vocabulary.
     """
