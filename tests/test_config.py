@@ -61,6 +61,6 @@ def test_new_keys_all_live_under_model_regionspot():
     stray = sorted(k for k in added if not k.startswith("MODEL.REGIONSPOT"))
     assert not stray, f"keys added outside MODEL.REGIONSPOT: {stray}"
     # A few keys the code reads must exist.
-    for key in ("SAM.TYPE", "CLIP.NAME", "AUTOCAST", "PROMPT", "MAX_DETS_PER_IMAGE",
+    for key in ("SAM.TYPE", "CLIP.NAME", "AUTOCAST", "PROMPT", "FAST_MASK_PASTE",
                 "MISSING_PROPOSALS", "USE_PROPOSAL_SCORE", "SAM_AUTO.POINTS_PER_SIDE"):
         assert f"MODEL.REGIONSPOT.{key}" in added

@@ -154,7 +154,7 @@ def test_top_k_respects_max_dets(val_inputs):
     full = full_model([x])[0]["instances"]
     k = 5
     assert len(full) > k
-    top = _build("MODEL.REGIONSPOT.MAX_DETS_PER_IMAGE", str(k), state=full_model.state_dict())([x])[0]["instances"]
+    top = _build("TEST.DETECTIONS_PER_IMAGE", str(k), state=full_model.state_dict())([x])[0]["instances"]
     assert len(top) == k == len(top.pred_masks)
     torch.testing.assert_close(top.scores, full.scores[:k])
     assert set(_pairs(top)) == set(list(_pairs(full))[:k])

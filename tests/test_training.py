@@ -312,7 +312,8 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(cached, train_set):
 def test_optimizer_is_adamw_over_the_head_with_full_model_clipping(cached, train_set):
     _, cache_root = cached
     max_norm = 0.5
-    cfg = _cached_cfg(cache_root, *NO_RESIZE, "MODEL.REGIONSPOT.GRAD_CLIP_NORM", str(max_norm),
+    cfg = _cached_cfg(cache_root, *NO_RESIZE, "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+                      "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", str(max_norm),
                       "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.05")
     model = build_model(cfg)
     model.train()
@@ -341,8 +342,8 @@ def test_optimizer_is_adamw_over_the_head_with_full_model_clipping(cached, train
     for p, g0 in zip(params, grads):
         torch.testing.assert_close(p.grad, g0 * factor, rtol=1e-4, atol=1e-12)
 
-    # GRAD_CLIP_NORM 0: plain AdamW, gradients left as they are.
-    plain_cfg = _cached_cfg(cache_root, "MODEL.REGIONSPOT.GRAD_CLIP_NORM", "0.0")
+    # Clipping disabled: plain AdamW, gradients left as they are.
+    plain_cfg = _cached_cfg(cache_root, "SOLVER.CLIP_GRADIENTS.ENABLED", "False")
     plain = RegionSpotTrainer.build_optimizer(plain_cfg, model)
     assert type(plain) is torch.optim.AdamW
     for p, g0 in zip(params, grads):

@@ -13,6 +13,7 @@ classes (text encoding is cached in real use, so it is not part of per-image cos
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -27,6 +28,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from regionspot import add_regionspot_config
 
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "Base-RegionSpot.yaml")
 STAGES = ("sam_encoder", "mask_decoder", "clip", "head", "masks")
 
 
@@ -81,12 +84,13 @@ def startup(args) -> dict:
 def build(args, autocast: str, templates: str = "ensemble", extra_opts=()):
     cfg = get_cfg()
     add_regionspot_config(cfg)
+    cfg.merge_from_file(BASE_CONFIG)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
     c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size
     c.AUTOCAST = autocast
     c.TEXT.TEMPLATES = templates
-    c.MAX_DETS_PER_IMAGE = args.top_k
+    cfg.TEST.DETECTIONS_PER_IMAGE = args.top_k
     c.MASK_ON = not args.no_masks
     cfg.MODEL.DEVICE = args.device
     cfg.merge_from_list(list(args.opts) + list(extra_opts))

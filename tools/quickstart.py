@@ -71,7 +71,9 @@ def draw_predictions(cfg, model, out_dir: str, num: int, score_threshold: float 
         inst = inst[keep]
         if inst.has("pred_masks"):
             inst.remove("pred_masks")  # the tiny SAM is random: its masks would only clutter the picture
-        image = batch[0]["image"].permute(1, 2, 0).numpy()  # RGB
+        image = batch[0]["image"].permute(1, 2, 0).numpy()
+        if cfg.INPUT.FORMAT == "BGR":
+            image = image[:, :, ::-1]  # Visualizer draws RGB
         vis = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(inst)
         path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(batch[0]['file_name']))[0]}.png")
         vis.save(path)

@@ -4,11 +4,8 @@ from detectron2.config import CfgNode as CN
 
 def add_regionspot_config(cfg: CN) -> None:
     """Add RegionSpot's keys (with their defaults) to a detectron2 config, in place."""
-    cfg.MODEL.META_ARCHITECTURE = "RegionSpot"
-    # RegionSpot preprocesses on the device itself (SAM and CLIP each need their own resize),
-    # so the loaders hand it the image at its original size, in RGB.
-    cfg.INPUT.FORMAT = "RGB"
-
+    # MODEL.META_ARCHITECTURE "RegionSpot" and INPUT.FORMAT "RGB" are set by
+    # configs/Base-RegionSpot.yaml (a BGR loader works too: the model flips the channels).
     _C = cfg.MODEL.REGIONSPOT = CN()
 
     _C.SAM = CN()
@@ -69,8 +66,6 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.MISSING_PROPOSALS = "error"
     # Box layout of per-image {boxes, scores, labels} JSON files (GLIP style): XYXY or XYWH.
     _C.PROPOSAL_BOX_MODE = "XYXY"
-    # (box, class) pairs kept per image; LVIS allows 300.
-    _C.MAX_DETS_PER_IMAGE = 300
     # Predict masks with SAM (needed for segm evaluation).
     _C.MASK_ON = True
     # Paste kept masks at full size with one interpolation from SAM's low-res logits instead of
@@ -87,9 +82,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.DATASET_RATIOS = []
     # Metric that picks the best checkpoint during training (EvalHook + BestCheckpointer).
     _C.BEST_METRIC = "bbox/AP"
-    # Training: gradient-norm clipping over the whole (trainable) model; 0 disables it.
-    # The optimizer is AdamW with SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY.
-    _C.GRAD_CLIP_NORM = 1.0
+    # The optimizer is AdamW with SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY; gradient clipping comes
+    # from SOLVER.CLIP_GRADIENTS, whose CLIP_TYPE may also be "full_model" (the paper's recipe:
+    # one norm over all trainable parameters, at most CLIP_VALUE).
 
     _C.SAM_AUTO = CN()
     _C.SAM_AUTO.POINTS_PER_SIDE = 32

@@ -68,7 +68,7 @@ def build_regionspot_evaluator(cfg, dataset_name: str, output_folder: Optional[s
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     tasks = ("bbox", "segm") if cfg.MODEL.REGIONSPOT.MASK_ON else ("bbox",)
-    max_dets = cfg.MODEL.REGIONSPOT.MAX_DETS_PER_IMAGE
+    max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
     if evaluator_type == "lvis":
         return RegionSpotLVISEvaluator(dataset_name, tasks, True, output_folder, max_dets_per_image=max_dets)
     if evaluator_type == "coco":

@@ -81,6 +81,7 @@ class RegionSpot(nn.Module):
         mask_on: bool = True,
         fast_mask_paste: bool = True,
         sam_auto_params: Optional[Dict] = None,
+        input_format: str = "RGB",
     ):
         """
         Args:
@@ -99,6 +100,7 @@ class RegionSpot(nn.Module):
             mask_on: predict masks.
             fast_mask_paste: paste masks with one interpolation (see SamRegionEncoder.paste_masks).
             sam_auto_params: keyword arguments of SamAutomaticMaskGenerator.
+            input_format: channel order of input["image"] ("RGB" or "BGR"); SAM and CLIP get RGB.
         """
         super().__init__()
         if prompt not in PROMPT_SOURCES:
@@ -122,6 +124,9 @@ class RegionSpot(nn.Module):
         self.mask_on = mask_on
         self.fast_mask_paste = fast_mask_paste
         self.sam_auto_params = dict(sam_auto_params or {})
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for RegionSpot, not {input_format!r}.")
+        self.input_format = input_format
         self._text_embeddings: Dict[str, Tuple[List[str], torch.Tensor]] = {}
         self._fingerprint: Optional[str] = None
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
@@ -153,7 +158,7 @@ class RegionSpot(nn.Module):
             "autocast": c.AUTOCAST,
             "prompt": c.PROMPT,
             "use_proposal_score": c.USE_PROPOSAL_SCORE,
-            "max_dets_per_image": c.MAX_DETS_PER_IMAGE,
+            "max_dets_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "mask_on": c.MASK_ON,
             "fast_mask_paste": c.FAST_MASK_PASTE,
             "sam_auto_params": {
@@ -162,6 +167,7 @@ class RegionSpot(nn.Module):
                 "stability_score_thresh": c.SAM_AUTO.STABILITY_SCORE_THRESH,
                 "min_mask_region_area": c.SAM_AUTO.MIN_MASK_REGION_AREA,
             },
+            "input_format": cfg.INPUT.FORMAT,
         }
 
     @property
@@ -273,6 +279,11 @@ class RegionSpot(nn.Module):
         return self.clip_encoder.logit_scale.float() * region_emb @ text_emb.t().to(region_emb.dtype)
 
     # ------------------------------------------------------------------ forward
+    def _rgb_images(self, batched_inputs: List[Dict]) -> List[torch.Tensor]:
+        """The inputs' (3, H, W) images on the device, in RGB whatever INPUT.FORMAT the loader used."""
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        return [img.flip(0) for img in images] if self.input_format == "BGR" else images
+
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.inference(batched_inputs)
@@ -309,7 +320,7 @@ class RegionSpot(nn.Module):
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Returns, per input, {"instances": Instances} at the input's "height" x "width"."""
-        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = self._rgb_images(batched_inputs)
         sizes = [tuple(img.shape[-2:]) for img in images]
         prompts = []
         for x, img, size in zip(batched_inputs, images, sizes):
@@ -369,7 +380,7 @@ class RegionSpot(nn.Module):
 
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """Sigmoid focal loss of each gt region against its class in the image's vocabulary."""
-        images = [x["image"].to(self.device) for x in batched_inputs]
+        images = self._rgb_images(batched_inputs)
         online = any("sam_tokens" not in x for x in batched_inputs)
         with torch.no_grad(), self._autocast():
             sam_emb = None

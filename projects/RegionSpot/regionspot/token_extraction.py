@@ -76,6 +76,8 @@ def extract_tokens(
         try:
             x = mapper(d)
             image = x["image"].to(device)
+            if cfg.INPUT.FORMAT == "BGR":
+                image = image.flip(0)  # SAM sees RGB
             boxes = x["instances"].gt_boxes.tensor.to(device).float().clone()
             keep = sanitize_boxes(boxes, tuple(image.shape[-2:]), f" of image {name}")
             boxes, classes = boxes[keep], x["instances"].gt_classes[keep.cpu()]

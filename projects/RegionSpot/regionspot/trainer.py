@@ -10,6 +10,7 @@ import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine import defaults as d2_defaults
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from .checkpoint import RegionSpotCheckpointer
@@ -101,11 +102,15 @@ class RegionSpotTrainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """AdamW over the trainable (head) parameters, with full-model gradient-norm clipping."""
+        """AdamW over the trainable (head) parameters, clipped as SOLVER.CLIP_GRADIENTS says:
+        CLIP_TYPE "full_model" clips the norm of all of them together (the paper's recipe);
+        "value"/"norm" are detectron2's per-parameter clippers."""
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer_cls = torch.optim.AdamW
-        if cfg.MODEL.REGIONSPOT.GRAD_CLIP_NORM > 0:
-            optimizer_cls = _with_full_model_clipping(optimizer_cls, cfg.MODEL.REGIONSPOT.GRAD_CLIP_NORM)
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+            optimizer_cls = _with_full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)
+        else:
+            optimizer_cls = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
         return optimizer_cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
