@@ -24,6 +24,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from regionspot import add_regionspot_config
 from regionspot.clip_encoder import ClipImageTextEncoder, build_clip
+from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.text_embeddings import (
     cached_class_embeddings,
     clip_fingerprint,
@@ -36,7 +37,6 @@ from regionspot.text_embeddings import (
 )
 
 logger = logging.getLogger("regionspot.dump_text_embeddings")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -101,7 +101,9 @@ def dump(args: argparse.Namespace) -> str:
     device = torch.device(cfg.MODEL.DEVICE)
     encoder = ClipImageTextEncoder(build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
                                    c.CLIP.INPUT_SIZE).to(device).eval()
-    dtype = _AUTOCAST.get(c.AUTOCAST)
+    if c.AUTOCAST not in AUTOCAST_DTYPES:
+        raise ValueError(f"Unknown MODEL.REGIONSPOT.AUTOCAST {c.AUTOCAST!r}; choose '', 'bf16' or 'fp16'.")
+    dtype = AUTOCAST_DTYPES[c.AUTOCAST]
 
     def encode_text(prompts: List[str]) -> torch.Tensor:
         # As the model encodes text (same autocast), so the file equals what it computes itself.

@@ -16,7 +16,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from regionspot import add_regionspot_config
-from regionspot.meta_arch import _AUTOCAST_DTYPES
+from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.sam_encoder import SamRegionEncoder, build_sam
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
@@ -49,7 +49,7 @@ def main(args):
     failed = 0
     for name in datasets:
         summary = extract_tokens(sam, cfg, name, output, shard=args.shard, num_shards=args.num_shards,
-                                 autocast_dtype=_AUTOCAST_DTYPES[cfg.MODEL.REGIONSPOT.AUTOCAST])
+                                 autocast_dtype=AUTOCAST_DTYPES[cfg.MODEL.REGIONSPOT.AUTOCAST])
         summary = gather_summaries(summary)
         if comm.is_main_process():
             print(f"[{name}] {summary}", flush=True)

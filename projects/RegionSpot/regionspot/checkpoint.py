@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .file_io import atomic_torch_save
+
 # Key prefixes of the original RegionSpot code -> ours. Its meta-architecture kept everything
 # under one `model` submodule; we keep the frozen encoders and the head apart.
 ORIGINAL_KEY_PREFIXES: List[Tuple[str, str]] = [
@@ -96,8 +98,5 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        tmp = save_file + ".tmp"
-        with self.path_manager.open(tmp, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, save_file)
+        atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)

@@ -36,14 +36,14 @@ class RegionSpotDatasetMapper(DatasetMapper):
     def __init__(self, is_train: bool, *, vocabulary: str = "", token_folder: Optional[str] = None, **kwargs):
         """
         Args:
-            is_train: whether the outputs feed training (gt instances are kept either way).
+            is_train: whether the outputs feed training (chooses augmentations in `from_config`;
+                gt instances are kept either way).
             vocabulary: vocabulary spec written into every output as "vocabulary".
             token_folder: folder of cached SAM tokens of this dataset (cached training), or None.
             kwargs: as for :class:`detectron2.data.DatasetMapper`.
         """
         # The parent drops annotations when is_train=False; we always want them.
         super().__init__(True, **kwargs)
-        self.training = is_train
         self.vocabulary = vocabulary
         self.token_folder = token_folder
         if token_folder is not None:
@@ -77,13 +77,14 @@ class RegionSpotDatasetMapper(DatasetMapper):
         try:
             image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         except (OSError, ValueError) as e:
-            raise type(e)(f"Cannot read image {dataset_dict.get('file_name')!r}: {e}") from e
+            e.add_note(f"Cannot read image {dataset_dict.get('file_name')!r}")
+            raise
         utils.check_image_size(dataset_dict, image)
         return image
 
     def _call_cached(self, dataset_dict: Dict) -> Dict:
-        d = copy.deepcopy(dataset_dict)
-        d.pop("annotations", None)
+        # Boxes and classes come from the cache: copy everything but the annotations.
+        d = copy.deepcopy({k: v for k, v in dataset_dict.items() if k != "annotations"})
         path = token_file(self.token_folder, d["image_id"])
         cache = load_tokens(path, d["image_id"])
         if cache.get("source") != source_key(dataset_dict):
@@ -118,8 +119,9 @@ class RegionSpotDatasetMapper(DatasetMapper):
         else:
             try:
                 out = super().__call__(dataset_dict)
-            except (OSError, ValueError) as e:
-                raise type(e)(f"Cannot read image {dataset_dict.get('file_name')!r}: {e}") from e
+            except Exception as e:  # name the image; the exception itself stays as it was
+                e.add_note(f"while mapping image {dataset_dict.get('file_name')!r}")
+                raise
         if self.vocabulary:
             out["vocabulary"] = self.vocabulary
         return out

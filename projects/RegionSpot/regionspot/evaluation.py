@@ -30,13 +30,14 @@ def instances_to_json(instances, img_id: int) -> List[dict]:
     if not isinstance(masks, IndexedMasks) or len(instances) == 0:
         return instances_to_coco_json(instances, img_id)
     boxes = BoxMode.convert(instances.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
-    rles = mask_util.encode(np.asfortranarray(masks.masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+    used, index = masks.index.unique(return_inverse=True)  # masks no detection refers to are skipped
+    rles = mask_util.encode(np.asfortranarray(masks.masks[used].numpy().transpose(1, 2, 0).astype(np.uint8)))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("utf-8")
     return [
         {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "segmentation": rles[i]}
         for b, s, c, i in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist(),
-                              masks.index.tolist())
+                              index.tolist())
     ]
 
 

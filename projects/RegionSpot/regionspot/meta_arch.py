@@ -26,7 +26,7 @@ from .text_embeddings import (
 
 logger = logging.getLogger(__name__)
 
-_AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT_SOURCES = ("gt", "proposals", "sam_auto")
 
 
@@ -105,7 +105,7 @@ class RegionSpot(nn.Module):
         super().__init__()
         if prompt not in PROMPT_SOURCES:
             raise ValueError(f"Unknown prompt source {prompt!r} (MODEL.REGIONSPOT.PROMPT); choose one of {PROMPT_SOURCES}.")
-        if autocast not in _AUTOCAST_DTYPES:
+        if autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"Unknown autocast {autocast!r} (MODEL.REGIONSPOT.AUTOCAST); choose '', 'bf16' or 'fp16'.")
         self.sam_encoder = sam_encoder
         self.clip_encoder = clip_encoder
@@ -117,7 +117,7 @@ class RegionSpot(nn.Module):
         self.templates = tuple(templates)
         self.text_cache_dir = text_cache_dir
         self.text_chunk_size = text_chunk_size
-        self.autocast_dtype = _AUTOCAST_DTYPES[autocast]
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast]
         self.prompt = prompt
         self.use_proposal_score = use_proposal_score
         self.max_dets_per_image = max_dets_per_image

@@ -36,7 +36,10 @@ def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np
         except json.JSONDecodeError as e:
             raise ValueError(f"Proposal file {path} is not valid JSON: {e}") from e
     per_image: Dict[str, Tuple[list, list]] = defaultdict(lambda: ([], []))
-    mode = {"XYXY": BoxMode.XYXY_ABS, "XYWH": BoxMode.XYWH_ABS}[box_mode]
+    modes = {"XYXY": BoxMode.XYXY_ABS, "XYWH": BoxMode.XYWH_ABS}
+    if box_mode not in modes:
+        raise ValueError(f"MODEL.REGIONSPOT.PROPOSAL_BOX_MODE must be XYXY or XYWH, not {box_mode!r}.")
+    mode = modes[box_mode]
     if isinstance(data, dict):
         data = [dict(v, image_id=k) for k, v in data.items()]
     if not isinstance(data, list):
@@ -49,10 +52,17 @@ def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np
             boxes.append(BoxMode.convert(list(rec["bbox"]), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
             scores.append(rec.get("score", 1.0))
         elif "boxes" in rec:
-            b = np.asarray(rec["boxes"], dtype=np.float64).reshape(-1, 4)
-            b = BoxMode.convert(b, mode, BoxMode.XYXY_ABS)
+            b = np.asarray(rec["boxes"], dtype=np.float64)
+            if b.size and (b.ndim != 2 or b.shape[1] != 4):
+                raise ValueError(f"Proposal file {path}: entry {i} (image {rec['image_id']}) has boxes of "
+                                 f"shape {b.shape}, not (N, 4).")
+            b = BoxMode.convert(b.reshape(-1, 4), mode, BoxMode.XYXY_ABS)
+            s = rec.get("scores", [1.0] * len(b))
+            if len(s) != len(b):
+                raise ValueError(f"Proposal file {path}: entry {i} (image {rec['image_id']}) has "
+                                 f"{len(b)} boxes but {len(s)} scores.")
             boxes.extend(b.tolist())
-            scores.extend(rec.get("scores", [1.0] * len(b)))
+            scores.extend(s)
         else:
             raise ValueError(f"Proposal file {path}: entry {i} has neither 'bbox' nor 'boxes'.")
     return {
