@@ -23,7 +23,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 
 from regionspot import add_regionspot_config
-from regionspot.clip_encoder import ClipImageTextEncoder, build_clip
+from regionspot.clip_encoder import build_clip_encoder
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.text_embeddings import (
     cached_class_embeddings,
@@ -99,8 +99,7 @@ def dump(args: argparse.Namespace) -> str:
     names, groups = vocabulary_groups(args, cfg)
     c = cfg.MODEL.REGIONSPOT
     device = torch.device(cfg.MODEL.DEVICE)
-    encoder = ClipImageTextEncoder(build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
-                                   c.CLIP.INPUT_SIZE).to(device).eval()
+    encoder = build_clip_encoder(cfg).to(device)
     if c.AUTOCAST not in AUTOCAST_DTYPES:
         raise ValueError(f"Unknown MODEL.REGIONSPOT.AUTOCAST {c.AUTOCAST!r}; choose '', 'bf16' or 'fp16'.")
     dtype = AUTOCAST_DTYPES[c.AUTOCAST]

@@ -17,7 +17,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from regionspot import add_regionspot_config
 from regionspot.meta_arch import AUTOCAST_DTYPES
-from regionspot.sam_encoder import SamRegionEncoder, build_sam
+from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
 
@@ -39,9 +39,7 @@ def main(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
-    sam = SamRegionEncoder(build_sam(cfg.MODEL.REGIONSPOT.SAM.TYPE, cfg.MODEL.REGIONSPOT.SAM.CHECKPOINT,
-                                     cfg.MODEL.REGIONSPOT.RANDOM_INIT_SEED),
-                           cfg.MODEL.REGIONSPOT.SAM.DECODE_CHUNK, cfg.MODEL.REGIONSPOT.SAM.FUSED_ATTENTION).to(device).eval()
+    sam = build_sam_encoder(cfg).to(device)
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:

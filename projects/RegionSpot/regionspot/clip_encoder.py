@@ -91,6 +91,13 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
     return model.eval()
 
 
+def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
+    """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode)."""
+    c = cfg.MODEL.REGIONSPOT
+    model = build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
+    return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE).eval()
+
+
 class ClipImageTextEncoder(nn.Module):
     """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings."""
 

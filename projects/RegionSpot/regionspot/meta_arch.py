@@ -11,9 +11,9 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from .clip_encoder import ClipImageTextEncoder, build_clip
+from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
 from .head import RegionSpotHead
-from .sam_encoder import SamRegionEncoder, build_sam
+from .sam_encoder import SamRegionEncoder, build_sam_encoder
 from .structures import IndexedMasks
 from .text_embeddings import (
     cached_class_embeddings,
@@ -136,12 +136,8 @@ class RegionSpot(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         c = cfg.MODEL.REGIONSPOT
-        sam_encoder = SamRegionEncoder(build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED),
-                                       c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION)
-        clip_encoder = ClipImageTextEncoder(
-            build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
-            c.CLIP.INPUT_SIZE,
-        )
+        sam_encoder = build_sam_encoder(cfg)
+        clip_encoder = build_clip_encoder(cfg)
         head = RegionSpotHead(
             cfg, token_dim=sam_encoder.token_dim, clip_width=clip_encoder.width,
             text_dim=clip_encoder.text_dim,

@@ -87,6 +87,13 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     return sam
 
 
+def build_sam_encoder(cfg) -> "SamRegionEncoder":
+    """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode)."""
+    c = cfg.MODEL.REGIONSPOT
+    sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
+    return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
+
+
 class SamRegionEncoder(nn.Module):
     """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
 

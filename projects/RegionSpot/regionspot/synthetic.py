@@ -82,7 +82,10 @@ def make_synthetic_lvis(
     for i in range(num_images):
         canvas, objects = _render(rng, image_size, classes, max_objects)
         fname = f"{split}_{i:05d}.png"
-        canvas.save(os.path.join(root, split, fname))
+        # Atomic, because every process of a distributed run may generate the same files at once.
+        tmp = os.path.join(root, split, f".{fname}.{os.getpid()}.tmp")
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(root, split, fname))
         image_id = i + 1
         present = {cat + 1 for cat, _ in objects}
         images.append({

@@ -6,6 +6,7 @@ from typing import Dict, List, Optional
 
 import torch
 from detectron2.data import DatasetCatalog
+from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.utils import comm
 from tqdm import tqdm
 
@@ -61,20 +62,27 @@ def extract_tokens(
     device = next(sam_encoder.parameters()).device
     folder = token_cache_folder(output_root, dataset_name, cfg.MODEL.REGIONSPOT.SAM.TYPE)
     dicts = shard_of(DatasetCatalog.get(dataset_name), shard, num_shards, comm.get_rank(), comm.get_world_size())
-    mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
     summary = ExtractionSummary()
+    check = tqdm(dicts, desc=f"checking cache {dataset_name}", unit="img", disable=not comm.is_main_process(),
+                 leave=False)
+    pending = [(d, source_key(d)) for d in check]
+    pending = [(d, src) for d, src in pending if not is_valid(token_file(folder, d["image_id"]), d["image_id"], src)]
+    summary.skipped = len(dicts) - len(pending)
+    # Decoding and mapping run in loader workers, overlapping SAM; a failure comes back as a value.
+    mapper = _ReportingMapper(RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name))
+    loader = torch.utils.data.DataLoader(
+        MapDataset(DatasetFromList([d for d, _ in pending], copy=False, serialize=False), mapper),
+        batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, shuffle=False,
+    )
     amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
            if autocast_dtype is not None else contextlib.nullcontext())
-    bar = tqdm(dicts, desc=f"SAM tokens {dataset_name}", unit="img", disable=not comm.is_main_process())
-    for d in bar:
-        path = token_file(folder, d["image_id"])
-        source = source_key(d)
-        if is_valid(path, d["image_id"], source):
-            summary.skipped += 1
-            continue
+    bar = tqdm(zip(pending, loader), total=len(pending), desc=f"SAM tokens {dataset_name}", unit="img",
+               disable=not comm.is_main_process())
+    for (d, source), x in bar:
         name = d.get("file_name", str(d["image_id"]))
         try:
-            x = mapper(d)
+            if "error" in x:
+                raise x["error"]
             image = x["image"].to(device)
             if cfg.INPUT.FORMAT == "BGR":
                 image = image.flip(0)  # SAM sees RGB
@@ -85,8 +93,8 @@ def extract_tokens(
                 pre, _ = sam_encoder.preprocess(image)
                 emb = sam_encoder.encode_images(pre[None])[0]
                 tokens, _ = sam_encoder.decode_boxes(emb, boxes, tuple(image.shape[-2:]))
-            save_tokens(path, image_id=d["image_id"], file_name=name, image_size=image.shape[-2:],
-                        tokens=tokens.float(), boxes=boxes, classes=classes,
+            save_tokens(token_file(folder, d["image_id"]), image_id=d["image_id"], file_name=name,
+                        image_size=image.shape[-2:], tokens=tokens.float(), boxes=boxes, classes=classes,
                         sam_type=cfg.MODEL.REGIONSPOT.SAM.TYPE, source=source)
         except Exception as e:  # one bad image must not stop a long run; it is reported at the end
             summary.failed[name] = f"{type(e).__name__}: {e}"
@@ -95,6 +103,20 @@ def extract_tokens(
         summary.images += 1
         summary.boxes += int(boxes.shape[0])
     return summary
+
+
+class _ReportingMapper:
+    """Wraps a mapper so that an exception is returned (as {"error": exc}) instead of raised:
+    a loader worker that raised would end the whole run."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, d):
+        try:
+            return self.mapper(d)
+        except Exception as e:
+            return {"error": e}
 
 
 def gather_summaries(summary: ExtractionSummary) -> ExtractionSummary:

@@ -86,6 +86,14 @@ class RegionSpotTrainer(DefaultTrainer):
             )
         with _ddp_for_cpu_models():
             super().__init__(cfg)
+        # Encode every training vocabulary once, on the main process, into the on-disk cache;
+        # the other processes then read it instead of each encoding ~1M prompts themselves.
+        model = self._trainer.model
+        model = model.module if hasattr(model, "module") else model
+        if comm.is_main_process():
+            for name in cfg.DATASETS.TRAIN:
+                model.text_embeddings(name)
+        comm.synchronize()
 
     def build_hooks(self) -> List:
         # Hooks capture self.checkpointer, so swap in ours (head-only, original-layout aware) first.
