@@ -11,7 +11,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
-from .token_cache import CorruptTokenFile, load_tokens, source_key, token_cache_folder, token_file
+from .token_cache import CorruptTokenFile, load_tokens, sam_weights_id, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,22 @@ class RegionSpotDatasetMapper(DatasetMapper):
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, vocabulary: str = "", token_folder: Optional[str] = None, **kwargs):
+    def __init__(self, is_train: bool, *, vocabulary: str = "", token_folder: Optional[str] = None,
+                 sam_weights: str = "", **kwargs):
         """
         Args:
             is_train: whether the outputs feed training (chooses augmentations in `from_config`;
                 gt instances are kept either way).
             vocabulary: vocabulary spec written into every output as "vocabulary".
             token_folder: folder of cached SAM tokens of this dataset (cached training), or None.
+            sam_weights: `token_cache.sam_weights_id` of the SAM the tokens must come from.
             kwargs: as for :class:`detectron2.data.DatasetMapper`.
         """
         # The parent drops annotations when is_train=False; we always want them.
         super().__init__(True, **kwargs)
         self.vocabulary = vocabulary
         self.token_folder = token_folder
+        self.sam_weights = sam_weights
         if token_folder is not None:
             for aug in self.augmentations.augs:
                 if isinstance(aug, T.RandomFlip):
@@ -69,6 +72,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
         ret["vocabulary"] = dataset_name if is_train else (c.VOCABULARY or dataset_name)
         if is_train and c.TOKEN_MODE == "cached":
             ret["token_folder"] = token_cache_folder(c.TOKEN_CACHE_DIR, dataset_name, c.SAM.TYPE)
+            ret["sam_weights"] = sam_weights_id(cfg)
         elif c.TOKEN_MODE not in ("online", "cached"):
             raise ValueError(f"MODEL.REGIONSPOT.TOKEN_MODE must be 'online' or 'cached', not {c.TOKEN_MODE!r}.")
         return ret
@@ -87,10 +91,11 @@ class RegionSpotDatasetMapper(DatasetMapper):
         d = copy.deepcopy({k: v for k, v in dataset_dict.items() if k != "annotations"})
         path = token_file(self.token_folder, d["image_id"])
         cache = load_tokens(path, d["image_id"])
-        if cache.get("source") != source_key(dataset_dict):
+        if cache.get("source") != source_key(dataset_dict, self.sam_weights):
             raise CorruptTokenFile(
                 f"SAM token cache file {path} was made from other annotations of image "
-                f"{d.get('file_name')}: rerun tools/extract_sam_tokens.py (it redoes stale files)."
+                f"{d.get('file_name')} or by other SAM weights than {self.sam_weights!r}: rerun "
+                "tools/extract_sam_tokens.py (it redoes stale files)."
             )
         aug_input = T.AugInput(self._read_image(d))
         transforms = self.augmentations(aug_input)

@@ -34,11 +34,19 @@ def token_file(folder: str, image_id) -> str:
     return os.path.join(folder, f"{safe}.pth")
 
 
-def source_key(dataset_dict: Dict) -> str:
-    """A digest of an image's file name and annotations: a cache file made from other boxes is stale."""
+def sam_weights_id(cfg) -> str:
+    """Which SAM weights the config means: type, checkpoint, and the seed of a random init."""
+    c = cfg.MODEL.REGIONSPOT
+    random_init = c.SAM.CHECKPOINT == "random" or (c.SAM.TYPE == "tiny" and c.SAM.CHECKPOINT == "")
+    return f"{c.SAM.TYPE}|{c.SAM.CHECKPOINT or 'official'}" + (f"|seed={c.RANDOM_INIT_SEED}" if random_init else "")
+
+
+def source_key(dataset_dict: Dict, sam_weights: str = "") -> str:
+    """A digest of an image's file name and annotations, and of the SAM weights (`sam_weights_id`):
+    a cache file made from other boxes, or by another SAM, is stale."""
     anns = [(a.get("bbox"), a.get("bbox_mode").value if hasattr(a.get("bbox_mode"), "value") else a.get("bbox_mode"),
              a.get("category_id")) for a in dataset_dict.get("annotations", [])]
-    blob = json.dumps([os.path.basename(dataset_dict.get("file_name", "")), anns], default=str)
+    blob = json.dumps([os.path.basename(dataset_dict.get("file_name", "")), anns, sam_weights], default=str)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .dataset_mapper import RegionSpotDatasetMapper
 from .meta_arch import sanitize_boxes
 from .sam_encoder import SamRegionEncoder
-from .token_cache import is_valid, save_tokens, source_key, token_cache_folder, token_file
+from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def extract_tokens(
     summary = ExtractionSummary()
     check = tqdm(dicts, desc=f"checking cache {dataset_name}", unit="img", disable=not comm.is_main_process(),
                  leave=False)
-    pending = [(d, source_key(d)) for d in check]
+    sam_weights = sam_weights_id(cfg)
+    pending = [(d, source_key(d, sam_weights)) for d in check]
     pending = [(d, src) for d, src in pending if not is_valid(token_file(folder, d["image_id"]), d["image_id"], src)]
     summary.skipped = len(dicts) - len(pending)
     # Decoding and mapping run in loader workers, overlapping SAM; a failure comes back as a value.
