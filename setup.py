@@ -14,6 +14,7 @@ setup(
         "torch>=2.0",
         "torchvision",
         "segment-anything",
+        "openai-clip",  # OpenAI's own CLIP code (import clip); not the `clip` clipboard package
         "fvcore",
         "iopath",
         "pycocotools",
