@@ -285,7 +285,8 @@ class RegionSpot(nn.Module):
             return self.inference(batched_inputs)
         return self.losses(batched_inputs)
 
-    def _prompts(self, x: Dict, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _prompts(self, x: Dict, image: torch.Tensor, sam_embedding: torch.Tensor,
+                 input_size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Box prompts (N, 4, XYXY in image pixels) and their scores (or None) for one input."""
         where = f" of image {x.get('file_name', x.get('image_id', '?'))}"
         if self.prompt == "gt":
@@ -304,28 +305,21 @@ class RegionSpot(nn.Module):
                 scores = p.objectness_logits.sigmoid()
             scores = scores.to(self.device).float() if (scores is not None and self.use_proposal_score) else None
             return p.proposal_boxes.tensor.to(self.device), scores
-        from segment_anything import SamAutomaticMaskGenerator  # sam_auto only
-
-        generator = SamAutomaticMaskGenerator(self.sam_encoder.sam, **self.sam_auto_params)
-        rgb = image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
-        records = generator.generate(rgb)
-        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=self.device).view(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
-        return boxes, None
+        return self.sam_encoder.auto_boxes(image, sam_embedding, input_size, self.sam_auto_params), None
 
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
         """Returns, per input, {"instances": Instances} at the input's "height" x "width"."""
         images = self._rgb_images(batched_inputs)
         sizes = [tuple(img.shape[-2:]) for img in images]
+        sam_emb, input_sizes, clip_tokens = self.encode_images(images)
         prompts = []
-        for x, img, size in zip(batched_inputs, images, sizes):
-            boxes, scores = self._prompts(x, img)
+        for i, (x, img, size) in enumerate(zip(batched_inputs, images, sizes)):
+            boxes, scores = self._prompts(x, img, sam_emb[i], input_sizes[i])
             boxes = boxes.float().clone()
             keep = sanitize_boxes(boxes, size, f" of image {x.get('file_name', x.get('image_id', '?'))}")
             prompts.append((boxes[keep], scores[keep] if scores is not None else None))
 
-        sam_emb, input_sizes, clip_tokens = self.encode_images(images)
         decoded = [self.decode_regions(sam_emb[i], prompts[i][0], sizes[i]) for i in range(len(images))]
         region_emb = self.embed_regions([d[0] for d in decoded], clip_tokens)
 

@@ -492,17 +492,14 @@ class RegionSpotPredictor:
     def sam_auto_boxes(self) -> torch.Tensor:
         """(N, 4) XYXY boxes of the masks SAM's automatic mask generator finds in the current image.
 
-        The generator (MODEL.REGIONSPOT.SAM_AUTO settings) encodes the image itself, as SAM does.
+        The generator (MODEL.REGIONSPOT.SAM_AUTO settings) reuses the SAM embedding `set_image`
+        computed, so the image is not encoded again.
         """
-        from segment_anything import SamAutomaticMaskGenerator
-
         if self._image is None:
             raise RuntimeError("No image is set: call set_image(image) before sam_auto_boxes().")
-        generator = SamAutomaticMaskGenerator(self.model.sam_encoder.sam, **self.model.sam_auto_params)
-        records = generator.generate(self._image)
-        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=self.device).view(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
-        return boxes
+        f = self._features
+        image = torch.from_numpy(np.ascontiguousarray(self._image)).permute(2, 0, 1)
+        return self.model.sam_encoder.auto_boxes(image, f.sam_embedding, f.input_size, self.model.sam_auto_params)
 
     # ------------------------------------------------------------------ many images
     def iter_predict(

@@ -5,11 +5,12 @@ The region token is the mask decoder's first output mask token (the one SAM uses
 so the `segment_anything` package is used exactly as published.
 """
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from segment_anything import sam_model_registry
+import numpy as np
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -85,6 +86,26 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
             )
     return sam
+
+
+class _PrecomputedSamPredictor(SamPredictor):
+    """SamPredictor whose `set_image` reuses an embedding we already computed for the whole image,
+    so SAM's automatic mask generator does not run the image encoder a second time. Crops of the
+    image (crop_n_layers > 0) are still encoded as SAM does."""
+
+    def __init__(self, sam: Sam, embedding: torch.Tensor, input_size: Tuple[int, int],
+                 original_size: Tuple[int, int]):
+        super().__init__(sam)
+        self._embedding, self._input_size, self._original_size = embedding, input_size, original_size
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        if tuple(image.shape[:2]) != tuple(self._original_size):
+            return super().set_image(image, image_format)
+        self.reset_image()
+        self.original_size = tuple(self._original_size)
+        self.input_size = tuple(self._input_size)
+        self.features = self._embedding[None]
+        self.is_image_set = True
 
 
 def build_sam_encoder(cfg) -> "SamRegionEncoder":
@@ -206,6 +227,20 @@ class SamRegionEncoder(nn.Module):
             n = self.image_size // 4
             return embedding.new_zeros((0, c)), embedding.new_zeros((0, 1, n, n))
         return torch.cat(tokens), torch.cat(masks)
+
+    @torch.no_grad()
+    def auto_boxes(self, image: torch.Tensor, embedding: torch.Tensor, input_size: Tuple[int, int],
+                   params: Dict) -> torch.Tensor:
+        """Boxes (N, 4, XYXY) of SAM's automatic mask generator on a (3, H, W) RGB image, reusing
+        its already computed `embedding` (from `encode_images`) instead of encoding it again."""
+        rgb = image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        generator = SamAutomaticMaskGenerator(self.sam, **params)
+        generator.predictor = _PrecomputedSamPredictor(self.sam, embedding, input_size, rgb.shape[:2])
+        records = generator.generate(rgb)
+        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=embedding.device)
+        boxes = boxes.view(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+        return boxes
 
     def paste_masks(
         self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
