@@ -38,8 +38,7 @@ from regionspot.predictor import RegionSpotPredictor, VocabularyLike
 from regionspot.proposals import read_json_proposals
 from regionspot.text_embeddings import (
     BUILTIN_VOCABULARIES,
-    parse_vocabulary,
-    read_vocabulary_file,
+    read_custom_vocabulary,
     vocabulary_synonyms,
 )
 
@@ -249,15 +248,11 @@ def resolve_vocabulary(args: argparse.Namespace, cfg: CfgNode) -> Tuple[Vocabula
         if not custom:
             if not cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY:
                 raise UsageError("--vocabulary custom needs --custom-vocabulary 'a,b,c' or a file of names.")
-            names, groups = parse_vocabulary(list(cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY),
-                                             "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
+            names, groups = read_custom_vocabulary("", cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
         elif custom.endswith((".pth", ".pt")):
             return custom, None
-        elif os.path.isfile(custom):
-            names, groups = read_vocabulary_file(custom)
         else:
-            names, groups = parse_vocabulary([s.strip() for s in custom.split(",") if s.strip()],
-                                             "--custom-vocabulary")
+            names, groups = read_custom_vocabulary(custom)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     if groups and args.synonyms:

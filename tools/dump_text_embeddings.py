@@ -29,8 +29,7 @@ from regionspot.text_embeddings import (
     cached_class_embeddings,
     clip_fingerprint,
     get_templates,
-    parse_vocabulary,
-    read_vocabulary_file,
+    read_custom_vocabulary,
     save_embedding_file,
     vocabulary_names,
     vocabulary_synonyms,
@@ -79,15 +78,7 @@ def vocabulary_groups(args: argparse.Namespace, cfg: CfgNode):
             groups = vocabulary_synonyms(args.vocabulary)
             return [g[0] for g in groups], groups
         return vocabulary_names(args.vocabulary), None
-    custom = args.custom_vocabulary
-    if not custom:
-        names, groups = parse_vocabulary(list(cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY),
-                                         "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
-    elif os.path.isfile(custom):
-        names, groups = read_vocabulary_file(custom)
-    else:
-        names, groups = parse_vocabulary([s.strip() for s in custom.split(",") if s.strip()],
-                                         "--custom-vocabulary")
+    names, groups = read_custom_vocabulary(args.custom_vocabulary, cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
     if args.synonyms and groups is None:
         raise ValueError("--synonyms: the custom vocabulary lists no synonyms ('name | synonym' lines).")
     return names, (groups if args.synonyms else None)

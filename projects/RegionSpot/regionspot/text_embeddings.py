@@ -347,3 +347,13 @@ def cached_class_embeddings(
     except OSError as e:
         logger.warning(f"Could not write the text-embedding cache {path}: {e}")
     return emb
+
+
+def read_custom_vocabulary(value: str, config_names: Sequence[str] = ()):
+    """What a `--custom-vocabulary` option names: "" = the config's CUSTOM_VOCABULARY, a file of
+    names (see `read_vocabulary_file`), or "a,b,c". Returns (names, synonym groups or None)."""
+    if not value:
+        return parse_vocabulary(list(config_names), "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
+    if os.path.isfile(value):
+        return read_vocabulary_file(value)
+    return parse_vocabulary([s.strip() for s in value.split(",") if s.strip()], "--custom-vocabulary")
