@@ -351,9 +351,7 @@ class RegionSpot(nn.Module):
         result.pred_classes = classes
         if self.mask_on:
             unique, inverse = torch.unique(box_idx, return_inverse=True)
-            masks = [self.sam_encoder.paste_masks(chunk, input_size, out_size, fast=self.fast_mask_paste)
-                     for chunk in low_res[unique].split(16)]
-            masks = torch.cat(masks) if masks else torch.zeros((0, *out_size), dtype=torch.bool, device=self.device)
+            masks = self.sam_encoder.paste_masks(low_res[unique], input_size, out_size, fast=self.fast_mask_paste)
             result.pred_masks = IndexedMasks(masks, inverse)
         return result
 

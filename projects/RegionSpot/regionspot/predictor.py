@@ -460,10 +460,8 @@ class RegionSpotPredictor:
         topk_scores, topk_classes = probs.topk(min(top_k, len(names)), dim=-1)
         masks = None
         if (model.mask_on if return_masks is None else return_masks) or prompts["boxes"] is None:
-            masks = [model.sam_encoder.paste_masks(c, feats.input_size, feats.image_size, fast=model.fast_mask_paste)
-                     for c in low_res.split(16)]
-            masks = torch.cat(masks) if masks else torch.zeros((0, *feats.image_size), dtype=torch.bool,
-                                                               device=self.device)
+            masks = model.sam_encoder.paste_masks(low_res, feats.input_size, feats.image_size,
+                                                  fast=model.fast_mask_paste)
         out_boxes = prompts["boxes"]
         if out_boxes is None:
             out_boxes = self._boxes_of_points(masks, prompts["points"], prompts["point_labels"])

@@ -244,7 +244,7 @@ class SamRegionEncoder(nn.Module):
 
     def paste_masks(
         self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-        fast: bool = False,
+        fast: bool = False, chunk: int = 16,
     ) -> torch.Tensor:
         """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size.
 
@@ -252,9 +252,14 @@ class SamRegionEncoder(nn.Module):
         the image, resize to the original size (two interpolations through an S x S buffer).
         `fast=True` samples the original-size grid straight from the low-res logits, one bilinear
         interpolation without the S x S buffer; tests check the two agree (IoU >= 0.99).
+        Masks are pasted `chunk` at a time, so the float buffers stay bounded.
         """
         if low_res.shape[0] == 0:
             return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
+        return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
+
+    def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                     fast: bool) -> torch.Tensor:
         if not fast:
             masks = self.sam.postprocess_masks(low_res.float(), input_size, original_size)
             return masks[:, 0] > self.sam.mask_threshold
