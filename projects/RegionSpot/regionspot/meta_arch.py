@@ -215,9 +215,9 @@ class RegionSpot(nn.Module):
                     self._encode_text, self.fingerprint, names, self.templates,
                     self.text_cache_dir, self.text_chunk_size,
                 )
-            self._text_embeddings[spec] = (names, emb.to(self.device))
+            self._text_embeddings[spec] = (names, emb)
         names, emb = self._text_embeddings[spec]
-        if emb.device != self.device:
+        if emb.device != self.device:  # first use, or the model moved since
             emb = emb.to(self.device)
             self._text_embeddings[spec] = (names, emb)
         return names, emb
