@@ -23,6 +23,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
 import train_net
+from regionspot import RegionSpot
 from regionspot.dataset_mapper import RegionSpotDatasetMapper
 
 from conftest import TINY_CONFIG, tiny_cfg
@@ -170,6 +171,39 @@ def test_eval_writes_all_pairs_with_shared_masks(oracle, synthetic_val, tmp_path
             xywh = BoxMode.convert(box.tolist(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
             best = max((d for d in mine if np.allclose(d["bbox"], xywh, atol=1e-2)), key=lambda d: d["score"])
             assert best["category_id"] == cls + 1
+
+
+def test_batched_evaluation_gives_the_same_detections(oracle, synthetic_val, tmp_path, monkeypatch):
+    """MODEL.REGIONSPOT.TEST_IMS_PER_BATCH 4 over 6 images (a full and a partial batch) through
+    detectron2's test loader and evaluator: the same detections and AP as one image a batch."""
+    sizes = []
+    inference = RegionSpot.inference
+
+    def spy(self, batched_inputs):
+        sizes.append(len(batched_inputs))
+        return inference(self, batched_inputs)
+
+    monkeypatch.setattr(RegionSpot, "inference", spy)
+    one = _eval(tmp_path / "one", synthetic_val, oracle)
+    assert sizes == [1] * 6
+    sizes.clear()
+    four = _eval(tmp_path / "four", synthetic_val, oracle, "MODEL.REGIONSPOT.TEST_IMS_PER_BATCH", "4")
+    assert sizes == [4, 2]
+    a, b = _results_json(tmp_path / "one", synthetic_val), _results_json(tmp_path / "four", synthetic_val)
+    assert len(a) == len(b) > 0
+
+    def key(d):
+        return d["image_id"], d["category_id"], tuple(np.round(d["bbox"], 2))
+
+    a, b = {key(d): d for d in a}, {key(d): d for d in b}
+    assert set(a) == set(b)
+    assert max(abs(a[k]["score"] - b[k]["score"]) for k in a) < 1e-4
+    assert abs(one["bbox"]["AP"] - four["bbox"]["AP"]) < 1e-6
+
+
+def test_batch_size_below_one_is_refused(synthetic_val, tmp_path):
+    with pytest.raises(ValueError, match="TEST_IMS_PER_BATCH"):
+        _eval(tmp_path, synthetic_val, "", "MODEL.REGIONSPOT.TEST_IMS_PER_BATCH", "0")
 
 
 # ---------------------------------------------------------------------------------- proposals

@@ -183,6 +183,32 @@ def test_outputs_come_at_height_width_when_image_is_downscaled(val_inputs):
     assert got == want
 
 
+def test_a_batch_of_images_of_different_sizes_equals_one_image_at_a_time(val_inputs):
+    """Batched inference (TEST_IMS_PER_BATCH > 1) pads SAM inputs and squashes CLIP inputs to one
+    size, so images of different sizes share a forward; each must come out as if alone."""
+    model = _build()
+    x = _busiest(val_inputs)
+    small = copy.copy(x)
+    small["image"] = x["image"][:, : x["image"].shape[1] * 2 // 3, : x["image"].shape[2] // 2].contiguous()
+    sh, sw = small["image"].shape[-2:]
+    inst = Instances((sh, sw))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, sw * 0.6, sh * 0.7], [sw * 0.3, sh * 0.2, sw - 2.0, sh - 3.0]]))
+    small["instances"], small["height"], small["width"] = inst, sh, sw
+    batch = [x, small, val_inputs[0]]
+    together = [r["instances"] for r in model(batch)]
+    alone = [model([b])[0]["instances"] for b in batch]
+    for a, t in zip(alone, together):
+        assert t.image_size == a.image_size
+        assert len(t) == len(a) > 0
+        pa, pt = _pairs(a), _pairs(t)
+        assert set(pa) == set(pt)
+        assert max(abs(pa[k] - pt[k]) for k in pa) < 1e-4
+        ma, mt = a.pred_masks.tensor, t.pred_masks.tensor
+        assert ma.shape == mt.shape
+        # Masks may differ where a logit sits at the threshold; they must agree almost everywhere.
+        assert (ma != mt).float().mean() < 1e-3
+
+
 # ---------------------------------------------------------------------------------- edge cases
 def test_image_without_boxes_gives_empty_instances(val_inputs):
     model = _build()

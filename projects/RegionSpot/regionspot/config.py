@@ -66,6 +66,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.MISSING_PROPOSALS = "error"
     # Box layout of per-image {boxes, scores, labels} JSON files (GLIP style): XYXY or XYWH.
     _C.PROPOSAL_BOX_MODE = "XYXY"
+    # Images per forward in evaluation (detectron2's test loader batch, per process). The frozen
+    # encoders then run on the whole batch at once: worth it on a GPU, neutral on a CPU.
+    _C.TEST_IMS_PER_BATCH = 1
     # Predict masks with SAM (needed for segm evaluation).
     _C.MASK_ON = True
     # Paste kept masks at full size with one interpolation from SAM's low-res logits instead of

@@ -169,7 +169,11 @@ class RegionSpotTrainer(DefaultTrainer):
             attach_proposals(dicts, files[names.index(dataset_name)],
                              cfg.MODEL.REGIONSPOT.MISSING_PROPOSALS, cfg.MODEL.REGIONSPOT.PROPOSAL_BOX_MODE)
         mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
-        return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS)
+        batch = cfg.MODEL.REGIONSPOT.TEST_IMS_PER_BATCH
+        if batch < 1:
+            raise ValueError(f"MODEL.REGIONSPOT.TEST_IMS_PER_BATCH must be >= 1, got {batch}.")
+        return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                           batch_size=batch)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):
