@@ -209,6 +209,30 @@ def test_a_batch_of_images_of_different_sizes_equals_one_image_at_a_time(val_inp
         assert (ma != mt).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 0])
+def test_decoding_in_chunks_equals_decoding_all_boxes_at_once(val_inputs, chunk):
+    model = _build()
+    x = _busiest(val_inputs)
+    boxes = torch.cat([x["instances"].gt_boxes.tensor] * 3)  # 3x the boxes: several chunks of any size
+    size = tuple(x["image"].shape[-2:])
+    sam_emb, _, _ = model.encode_images([x["image"]])
+    enc = model.sam_encoder
+    enc.decode_chunk = len(boxes)
+    tokens, masks = enc.decode_boxes(sam_emb[0], boxes, size)
+    enc.decode_chunk = chunk
+    if chunk == 0:
+        assert enc.chunk_for(torch.device("cpu")) == 4 < len(boxes)
+    t2, m2 = enc.decode_boxes(sam_emb[0], boxes, size)
+    assert t2.shape == tokens.shape == (len(boxes), enc.token_dim)
+    torch.testing.assert_close(t2, tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m2, masks, atol=1e-4, rtol=1e-4)
+
+
+def test_negative_decode_chunk_is_refused():
+    with pytest.raises(ValueError, match="DECODE_CHUNK"):
+        _build("MODEL.REGIONSPOT.SAM.DECODE_CHUNK", "-1")
+
+
 # ---------------------------------------------------------------------------------- edge cases
 def test_image_without_boxes_gives_empty_instances(val_inputs):
     model = _build()

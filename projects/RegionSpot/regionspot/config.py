@@ -15,7 +15,9 @@ def add_regionspot_config(cfg: CN) -> None:
     # checkpoint of SAM.TYPE, "random" = random init (benchmarks, tests).
     _C.SAM.CHECKPOINT = ""
     # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
-    _C.SAM.DECODE_CHUNK = 64
+    # 0 = by device: 4 on a CPU (each box's decoder works on 4096x256 image tokens, so small
+    # chunks stay in cache: 64 boxes decode 2.2x faster in chunks of 4 than of 64), 64 elsewhere.
+    _C.SAM.DECODE_CHUNK = 0
     # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
     # SAM's relative positions as the additive mask (regionspot/sam_attention.py): same outputs,
     # 1.27x faster SAM ViT-B encoder on the CPU.
@@ -36,6 +38,10 @@ def add_regionspot_config(cfg: CN) -> None:
 
     # Mixed precision for the frozen encoders: "" (fp32), "bf16" or "fp16". The head stays fp32.
     _C.AUTOCAST = ""
+    # torch.compile the frozen SAM image encoder, SAM mask decoder and CLIP image tower: "" (off)
+    # or a torch.compile mode ("default", "max-autotune", ...). The first images pay the
+    # compilation (about a minute on a CPU); see README "Speed and memory" for what it buys.
+    _C.COMPILE = ""
 
     _C.HEAD = CN()
     _C.HEAD.NUM_LAYERS = 3
