@@ -27,6 +27,7 @@ from .text_embeddings import (
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PROMPT_SOURCES = ("gt", "proposals", "sam_auto")
 
 
@@ -49,6 +50,15 @@ def sanitize_boxes(boxes: torch.Tensor, image_size: Tuple[int, int], where: str 
     if dropped:
         logger.warning(f"Dropped {dropped} of {boxes.shape[0]} boxes{where} with zero area inside the image.")
     return keep
+
+
+def compile_frozen(sam_encoder: SamRegionEncoder, clip_encoder: ClipImageTextEncoder, mode: str) -> None:
+    """torch.compile the networks that dominate inference time, in place: SAM's image encoder and
+    mask decoder, and CLIP's image transformer. `Module.compile` keeps parameter names, so
+    checkpoints load as before, and the region-token hook on the decoder keeps working."""
+    for module in (sam_encoder.sam.image_encoder, sam_encoder.sam.mask_decoder,
+                   clip_encoder.clip_model.visual.transformer):
+        module.compile(mode=None if mode == "default" else mode)
 
 
 @META_ARCH_REGISTRY.register()
@@ -75,6 +85,7 @@ class RegionSpot(nn.Module):
         text_cache_dir: str = "",
         text_chunk_size: int = 256,
         autocast: str = "",
+        compile_mode: str = "",
         prompt: str = "gt",
         use_proposal_score: bool = True,
         max_dets_per_image: int = 300,
@@ -94,6 +105,7 @@ class RegionSpot(nn.Module):
             text_cache_dir: folder of the text-embedding cache ("" = default).
             text_chunk_size: prompts per text-encoder call.
             autocast: "", "bf16" or "fp16": mixed precision of the frozen encoders.
+            compile_mode: "" or a torch.compile mode for the frozen networks (`compile_frozen`).
             prompt: "gt", "proposals" or "sam_auto": where box prompts come from at inference.
             use_proposal_score: multiply class probabilities by the proposal score when there is one.
             max_dets_per_image: (box, class) pairs kept per image.
@@ -107,6 +119,9 @@ class RegionSpot(nn.Module):
             raise ValueError(f"Unknown prompt source {prompt!r} (MODEL.REGIONSPOT.PROMPT); choose one of {PROMPT_SOURCES}.")
         if autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"Unknown autocast {autocast!r} (MODEL.REGIONSPOT.AUTOCAST); choose '', 'bf16' or 'fp16'.")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"Unknown compile mode {compile_mode!r} (MODEL.REGIONSPOT.COMPILE); choose one of "
+                             f"{COMPILE_MODES}.")
         self.sam_encoder = sam_encoder
         self.clip_encoder = clip_encoder
         self.head = head
@@ -118,6 +133,8 @@ class RegionSpot(nn.Module):
         self.text_cache_dir = text_cache_dir
         self.text_chunk_size = text_chunk_size
         self.autocast_dtype = AUTOCAST_DTYPES[autocast]
+        if compile_mode:
+            compile_frozen(sam_encoder, clip_encoder, compile_mode)
         self.prompt = prompt
         self.use_proposal_score = use_proposal_score
         self.max_dets_per_image = max_dets_per_image
@@ -152,6 +169,7 @@ class RegionSpot(nn.Module):
             "text_cache_dir": c.TEXT.CACHE_DIR,
             "text_chunk_size": c.TEXT.CHUNK_SIZE,
             "autocast": c.AUTOCAST,
+            "compile_mode": c.COMPILE,
             "prompt": c.PROMPT,
             "use_proposal_score": c.USE_PROPOSAL_SCORE,
             "max_dets_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
