@@ -4,12 +4,24 @@
     python tools/benchmark.py --sam vit_b --clip ViT-L/14 --boxes 12 --images 3 [--autocast bf16]
     python tools/benchmark.py ... --compare-autocast bf16      # fp32 vs bf16: speed-up and agreement
     python tools/benchmark.py ... --boxes 300 --max-rss-gb 6     # fails (exit 1) above the bound
+    python tools/benchmark.py ... --roofline                     # distance to the matmul roofline
 
 Stages are timed by wrapping the model's own methods: SAM image encoder, SAM mask decoder (all
 boxes), CLIP image tower, head (fusion head + classification + top-K) and masks (pasting kept
 masks at full size); "other" is the rest of the end-to-end time (preprocessing, glue). Inputs are
 synthetic images with random boxes; the vocabulary is random unit vectors of --num-classes
 classes (text encoding is cached in real use, so it is not part of per-image cost).
+
+--pipeline N times the whole evaluation path instead: N JPEG images with --boxes boxes each, as
+an LVIS-format set of --num-classes classes, through detectron2's test loader (--workers decoding
+processes, --batch images per forward), the model, and LVISEvaluator.process (RLE encoding of the
+kept masks, detections to JSON), after --warmup batches. That is the per-image cost of an
+`--eval-only` run; the final LVIS evaluation (once per run) is timed apart with --evaluate.
+
+--roofline counts the FLOPs of one image through the SAM encoder, the mask decoder (--boxes
+boxes) and the CLIP image tower (torch's FlopCounterMode, attention through its math kernel so
+that every matmul is seen), measures the device's own square-matmul rate in the run's precision,
+and reports the time those FLOPs would take at that rate against the measured time.
 """
 import argparse
 import json
@@ -17,8 +29,12 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections import defaultdict
+
+import numpy as np
+from PIL import Image
 
 import regionspot  # noqa: F401
 import torch
@@ -26,7 +42,10 @@ import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from regionspot import add_regionspot_config
+from regionspot.meta_arch import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "Base-RegionSpot.yaml")
@@ -55,6 +74,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--max-rss-gb", type=float, default=0.0,
                    help="exit 1 if peak RSS exceeds this (CPU; measure one precision at a time)")
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="time N images through the test loader, the model and the LVIS evaluator")
+    p.add_argument("--pipeline-root", default=os.path.join(tempfile.gettempdir(), "regionspot_benchmark"),
+                   help="where --pipeline writes its images (made once per set of parameters)")
+    p.add_argument("--workers", type=int, default=4, help="--pipeline: loader worker processes")
+    p.add_argument("--warmup", type=int, default=1, help="--pipeline: untimed first batches")
+    p.add_argument("--evaluate", action="store_true", help="--pipeline: also time the final LVIS evaluation")
+    p.add_argument("--roofline", action="store_true",
+                   help="also report FLOPs per image and the distance to the measured matmul rate")
     p.add_argument("--json", default="", help="append the result as a JSON line to this file")
     p.add_argument("--startup", default="", metavar="VOCABULARY",
                    help="instead: time building the model and VOCABULARY's text embeddings, cold "
@@ -81,7 +109,7 @@ def startup(args) -> dict:
     return times
 
 
-def build(args, autocast: str, templates: str = "ensemble", extra_opts=()):
+def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
     cfg = get_cfg()
     add_regionspot_config(cfg)
     cfg.merge_from_file(BASE_CONFIG)
@@ -94,10 +122,16 @@ def build(args, autocast: str, templates: str = "ensemble", extra_opts=()):
     c.MASK_ON = not args.no_masks
     cfg.MODEL.DEVICE = args.device
     cfg.merge_from_list(list(args.opts) + list(extra_opts))
+    return cfg
+
+
+def build(args, autocast: str, templates: str = "ensemble", extra_opts=(), cfg=None, vocabulary="bench"):
+    """The model with random weights, and random unit vectors as `vocabulary`'s class embeddings."""
+    cfg = cfg or bench_cfg(args, autocast, templates, extra_opts)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     text = F.normalize(torch.randn(args.num_classes, model.clip_encoder.text_dim), dim=-1)
-    model._text_embeddings["bench"] = ([f"class{i}" for i in range(args.num_classes)], text.to(model.device))
+    model._text_embeddings[vocabulary] = ([f"class{i}" for i in range(args.num_classes)], text.to(model.device))
     return model
 
 
@@ -193,6 +227,173 @@ def run(args, variants):
     return results
 
 
+def make_pipeline_dataset(args, root: str, classes) -> str:
+    """Write --pipeline's JPEGs and LVIS-format json (once per parameters); return the json path."""
+    w, h = (int(v) for v in args.image_size.split("x"))
+    tag = f"{args.pipeline}x{w}x{h}_{args.boxes}boxes_{len(classes)}classes"
+    json_path = os.path.join(root, f"bench_{tag}.json")
+    if os.path.exists(json_path):
+        return json_path
+    folder = os.path.join(root, tag)
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(0)
+    images, annotations = [], []
+    for i in range(args.pipeline):
+        # Smooth colour fields with grain: decodes like a photo, unlike pure noise.
+        low = rng.randint(0, 256, (h // 48 + 2, w // 48 + 2, 3)).astype(np.uint8)
+        pixels = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(pixels + rng.randint(-8, 9, pixels.shape), 0, 255).astype(np.uint8)
+        fname = f"{i:06d}.jpg"
+        Image.fromarray(pixels).save(os.path.join(folder, fname), quality=90)
+        images.append({"id": i + 1, "width": w, "height": h, "coco_url": f"bench://{tag}/{fname}",
+                       "neg_category_ids": [], "not_exhaustive_category_ids": []})
+        for _ in range(args.boxes):
+            bw, bh = (rng.rand(2) * 0.3 + 0.05) * (w, h)
+            x0, y0 = rng.rand(2) * (w - bw, h - bh)
+            poly = [x0, y0, x0 + bw, y0, x0 + bw, y0 + bh, x0, y0 + bh]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "bbox": [x0, y0, bw, bh],
+                                "category_id": int(rng.randint(len(classes))) + 1, "area": bw * bh,
+                                "segmentation": [[float(v) for v in poly]]})
+    categories = [{"id": k + 1, "name": n, "synonyms": [n], "frequency": "fcr"[k % 3]}
+                  for k, n in enumerate(classes)]
+    tmp = json_path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    os.replace(tmp, json_path)
+    return json_path
+
+
+def pipeline(args) -> dict:
+    """Images/s of the evaluation path: loader workers -> model -> LVISEvaluator.process."""
+    from regionspot.evaluation import build_regionspot_evaluator
+    from regionspot.synthetic import register_synthetic_lvis
+    from regionspot.trainer import RegionSpotTrainer
+
+    name = "regionspot_benchmark_pipeline"
+    classes = [f"class{i}" for i in range(args.num_classes)]
+    json_path = make_pipeline_dataset(args, args.pipeline_root, classes)
+    register_synthetic_lvis(name, json_path, args.pipeline_root, classes)
+    cfg = bench_cfg(args, args.autocast)
+    cfg.DATASETS.TEST = (name,)
+    cfg.DATALOADER.NUM_WORKERS = args.workers
+    cfg.MODEL.REGIONSPOT.TEST_IMS_PER_BATCH = args.batch
+    model = build(args, args.autocast, cfg=cfg, vocabulary=name)
+    loader = RegionSpotTrainer.build_test_loader(cfg, name)
+    evaluator = build_regionspot_evaluator(cfg, name, os.path.join(args.pipeline_root, "eval"))
+    evaluator.reset()
+    timer = StageTimer(model)
+    spent, timed, start = defaultdict(float), 0, None
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        previous = timer._now()
+        for b, inputs in enumerate(loader):
+            got = timer._now()
+            if b == args.warmup:  # compilation, allocator growth and worker start-up are behind us
+                timer.times.clear()
+                start = previous
+            outputs = model(inputs)
+            done_model = timer._now()
+            evaluator.process(inputs, outputs)
+            done = timer._now()
+            if start is not None:
+                spent["loader_wait"] += got - previous
+                spent["model"] += done_model - got
+                spent["evaluator_process"] += done - done_model
+                timed += len(inputs)
+            previous = done
+    if not timed:
+        raise SystemExit(f"--pipeline {args.pipeline} images in batches of {args.batch} leave nothing to time "
+                         f"after --warmup {args.warmup} batches.")
+    wall = previous - start
+    per_image = {k: v / timed for k, v in spent.items()}
+    per_image.update({k: timer.times[k] / timed for k in STAGES})
+    per_image["total"] = wall / timed
+    out = {"images_timed": timed, "images_per_s": timed / wall, "per_image_s": per_image,
+           "peak_gb": peak_memory_gb(args.device)}
+    print(f"pipeline: {timed} images in {wall:.1f} s = {timed / wall:.2f} img/s ({args.workers} loader workers, "
+          f"batch {args.batch}, after {args.warmup} warm-up batches); peak {'GPU' if args.device.startswith('cuda') else 'RSS'} "
+          f"{out['peak_gb']:.2f} GB")
+    print("per image ms: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in per_image.items()), flush=True)
+    if args.evaluate:
+        t0 = time.perf_counter()
+        evaluator.evaluate()
+        out["evaluate_s"] = time.perf_counter() - t0
+        print(f"final LVIS evaluation of {args.pipeline} images: {out['evaluate_s']:.1f} s", flush=True)
+    return out
+
+
+def count_flops(model, x) -> dict:
+    """FLOPs (multiply-add = 2) of one image through the frozen stages that dominate the cost.
+
+    Fused attention kernels are invisible to FlopCounterMode, so attention runs through the math
+    kernel (same arithmetic, as matmuls) and nn.MultiheadAttention's fast path is off meanwhile.
+    """
+    image = x["image"].to(model.device)
+    boxes = x["instances"].gt_boxes.tensor.to(model.device)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    flops = {}
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+            pre = model.sam_encoder.preprocess(image)[0][None]
+            with FlopCounterMode(display=False) as fc:
+                emb = model.sam_encoder.encode_images(pre)
+            flops["sam_encoder"] = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc:
+                model.sam_encoder.decode_boxes(emb[0], boxes, tuple(image.shape[-2:]))
+            flops["mask_decoder"] = fc.get_total_flops()
+            clip_in = model.clip_encoder.preprocess(image)[None]
+            with FlopCounterMode(display=False) as fc:
+                model.clip_encoder.encode_image_tokens(clip_in)
+            flops["clip"] = fc.get_total_flops()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return flops
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int = 0, repeats: int = 10) -> float:
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`: the roofline we compare to."""
+    dev = torch.device(device)
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    for _ in range(3):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def roofline(flops: dict, per_image: dict, rate: float) -> dict:
+    """Seconds the counted FLOPs take at `rate`, per stage and in all, against measured seconds."""
+    out = {}
+    for stage, f in flops.items():
+        out[stage] = {"gflop": f / 1e9, "measured_s": per_image[stage], "ideal_s": f / rate}
+    total = sum(flops.values())
+    out["total"] = {"gflop": total / 1e9, "measured_s": per_image["total"], "ideal_s": total / rate}
+    for v in out.values():
+        v["fraction"] = v["ideal_s"] / v["measured_s"] if v["measured_s"] > 0 else float("nan")
+    return out
+
+
+def print_roofline(label: str, rf: dict, rate: float, dtype_name: str, boxes: int) -> None:
+    print(f"roofline of {label}: measured {dtype_name} matmul rate {rate / 1e12:.2f} TFLOP/s")
+    print("| stage | GFLOP/image | measured ms | at matmul rate ms | fraction of roofline |\n|---|---|---|---|---|")
+    for stage, v in rf.items():
+        name = {"mask_decoder": f"mask_decoder ({boxes} boxes)", "total": "end to end (vs the three stages)"}.get(stage, stage)
+        print(f"| {name} | {v['gflop']:.1f} | {v['measured_s'] * 1000:.1f} | {v['ideal_s'] * 1000:.2f} | "
+              f"{v['fraction'] * 100:.1f}% |")
+    t = rf["total"]
+    print(f"  bound {1 / t['ideal_s']:.1f} img/s at the matmul rate; measured {1 / t['measured_s']:.2f} img/s", flush=True)
+
+
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -205,6 +406,12 @@ def describe(args) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def describe_run(args) -> str:
+    return (f"device: {describe(args)}; SAM {args.sam}, CLIP {args.clip}@{args.clip_size}, image {args.image_size}, "
+            f"{args.boxes} boxes, {args.num_classes} classes, top-{args.top_k}, "
+            f"masks {'off' if args.no_masks else 'on'}, batch {args.batch}")
+
+
 def fmt_row(label, t, mem) -> str:
     cells = " | ".join(f"{t[k] * 1000:.0f}" for k in (*STAGES, "other", "total"))
     return f"| {label} | {cells} | {1 / t['total']:.2f} | {mem:.2f} |"
@@ -214,15 +421,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.startup:
-        record = {"args": vars(args), "device": describe(args), "startup": startup(args)}
+    if args.startup or args.pipeline:
+        record = {"args": vars(args), "device": describe(args)}
+        if args.startup:
+            record["startup"] = startup(args)
+        else:
+            print(describe_run(args), flush=True)
+            record["pipeline"] = pipeline(args)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return 0
-    print(f"device: {describe(args)}; SAM {args.sam}, CLIP {args.clip}@{args.clip_size}, image {args.image_size}, "
-          f"{args.boxes} boxes, {args.num_classes} classes, top-{args.top_k}, masks {'off' if args.no_masks else 'on'}, "
-          f"batch {args.batch}, {args.images} timed images", flush=True)
+    print(f"{describe_run(args)}, {args.images} timed images", flush=True)
     header = "| precision | " + " | ".join(f"{k} ms" for k in (*STAGES, "other", "total")) + " | img/s | peak GB |"
     print(header + "\n|" + "---|" * (len(STAGES) + 5))
     base = args.autocast or "fp32"
@@ -243,6 +453,14 @@ def main(argv=None) -> int:
     record = {"args": vars(args), "device": describe(args)}
     for k, v in results.items():
         record[k] = {"per_image_s": v["per_image_s"], "peak_gb": v["peak_gb"]}
+    if args.roofline:
+        flops = count_flops(build(args, ""), make_inputs(args, 1)[0])
+        for label, autocast, _ in variants:
+            dtype = AUTOCAST_DTYPES[autocast] or torch.float32
+            rate = matmul_rate(args.device, dtype)
+            rf = roofline(flops, results[label]["per_image_s"], rate)
+            print_roofline(label, rf, rate, str(dtype).replace("torch.", ""), args.boxes)
+            record[label]["roofline"] = {"matmul_flops_per_s": rate, **rf}
     if len(variants) == 2:
         a, b = results[variants[0][0]], results[variants[1][0]]
         speedup = a["per_image_s"]["total"] / b["per_image_s"]["total"]

@@ -1,0 +1,71 @@
+"""tools/benchmark.py's measurements that could silently be wrong: FLOP counts and the pipeline."""
+import importlib.util
+import json
+import os
+
+import torch
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("regionspot_tool_benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def _flops(*argv, opts=()):
+    args = benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu", *argv])
+    model = benchmark.build(args, "", extra_opts=opts)
+    return benchmark.count_flops(model, benchmark.make_inputs(args, 1)[0])
+
+
+def test_flop_count_sees_fused_attention_and_scales_with_boxes():
+    fused = _flops("--boxes", "4")
+    plain = _flops("--boxes", "4", opts=["MODEL.REGIONSPOT.SAM.FUSED_ATTENTION", "False"])
+    # Fused kernels are invisible to FlopCounterMode; counting through the math kernel must see
+    # the attention matmuls whichever forward the encoder uses.
+    assert fused == plain
+    assert all(v > 0 for v in fused.values())
+    # CLIP's ViT, by hand: patch conv, then per layer QKV/out projections and a 4x MLP (24 L W^2)
+    # and the two attention products (4 L^2 W), L tokens of width W. Its attention runs in
+    # nn.MultiheadAttention's fused fast path, which must be counted as well.
+    clip = benchmark.build(benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu"]), "").clip_encoder
+    visual = clip.clip_model.visual
+    p, w = visual.conv1.kernel_size[0], visual.conv1.out_channels
+    g = clip.input_size // p
+    tokens = g * g + 1
+    expected = 2 * g * g * 3 * p * p * w + visual.transformer.layers * (24 * tokens * w * w + 4 * tokens * tokens * w)
+    assert fused["clip"] == expected
+    # The decoder's cost is linear in the boxes (plus a once-per-image positional grid); the
+    # encoders' is per image.
+    eight, twelve = _flops("--boxes", "8"), _flops("--boxes", "12")
+    step = eight["mask_decoder"] - fused["mask_decoder"]
+    assert twelve["mask_decoder"] - eight["mask_decoder"] == step > 0.9 * fused["mask_decoder"]
+    assert (twelve["sam_encoder"], twelve["clip"]) == (fused["sam_encoder"], fused["clip"])
+
+
+def test_roofline_fractions_follow_from_flops_rate_and_time():
+    flops = {"sam_encoder": 4e9, "mask_decoder": 1e9, "clip": 5e9}
+    per_image = {"sam_encoder": 0.02, "mask_decoder": 0.01, "clip": 0.05, "total": 0.1}
+    rf = benchmark.roofline(flops, per_image, rate=1e12)
+    assert abs(rf["sam_encoder"]["fraction"] - 0.2) < 1e-12
+    assert abs(rf["total"]["ideal_s"] - 0.01) < 1e-12
+    assert abs(rf["total"]["fraction"] - 0.1) < 1e-12
+
+
+def test_pipeline_times_every_image_after_warmup_and_evaluates_them_all(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    argv = ["--sam", "tiny", "--clip", "tiny", "--device", "cpu", "--pipeline", "6", "--batch", "2",
+            "--workers", "1", "--boxes", "3", "--num-classes", "7", "--image-size", "160x120",
+            "--pipeline-root", str(tmp_path / "pipe"), "--evaluate", "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    record = json.loads(out.read_text().splitlines()[-1])["pipeline"]
+    assert record["images_timed"] == 4  # 6 images in batches of 2, the first batch untimed
+    t = record["per_image_s"]
+    assert abs(t["loader_wait"] + t["model"] + t["evaluator_process"] - t["total"]) < 1e-3
+    assert record["images_per_s"] * t["total"] > 0.999
+    assert record["evaluate_s"] > 0
+    # The evaluator saw every image (the warm-up batch included): 3 boxes x 7 classes each.
+    with open(tmp_path / "pipe" / "eval" / "lvis_instances_results.json") as f:
+        dets = json.load(f)
+    assert sorted({d["image_id"] for d in dets}) == list(range(1, 7))
+    assert len(dets) == 6 * 3 * 7
