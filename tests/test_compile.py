@@ -14,16 +14,21 @@ def test_unknown_compile_mode_is_refused():
         build_model(tiny_cfg("MODEL.REGIONSPOT.COMPILE", "fastest"))
 
 
-def test_compiled_model_gives_the_eager_detections(synthetic_val):
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("autocast", ["", "bf16"])
+def test_compiled_model_gives_the_eager_detections(synthetic_val, autocast):
+    cfg = tiny_cfg("MODEL.REGIONSPOT.AUTOCAST", autocast)
     eager = build_model(cfg).eval()
-    compiled = build_model(tiny_cfg("MODEL.REGIONSPOT.COMPILE", "default")).eval()
+    compiled = build_model(tiny_cfg("MODEL.REGIONSPOT.AUTOCAST", autocast, "MODEL.REGIONSPOT.COMPILE", "default")).eval()
     # Compiling keeps parameter names: checkpoints (here the eager model's head) load unchanged.
     assert list(compiled.state_dict()) == list(eager.state_dict())
     compiled.load_state_dict(eager.state_dict())
-    for module in (compiled.sam_encoder.sam.image_encoder, compiled.sam_encoder.sam.mask_decoder,
-                   compiled.clip_encoder.clip_model.visual.transformer):
+    decoder = compiled.sam_encoder.sam.mask_decoder
+    # Under autocast the decoder is compiled in parts (see compile_frozen), else whole.
+    decoder_parts = [decoder.transformer, decoder.output_upscaling] if autocast else [decoder]
+    for module in [compiled.sam_encoder.sam.image_encoder, *decoder_parts,
+                   compiled.clip_encoder.clip_model.visual.transformer]:
         assert module._compiled_call_impl is not None
+    assert (decoder._compiled_call_impl is None) == bool(autocast)
 
     mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)
     inputs = [mapper(d) for d in DatasetCatalog.get(synthetic_val)[:3]]
@@ -35,10 +40,12 @@ def test_compiled_model_gives_the_eager_detections(synthetic_val):
             assert len(a) == len(b) > 0
             pa, pb = _pairs(a), _pairs(b)  # by (box, class): near-ties may swap places in the ranking
             assert set(pa) == set(pb)
-            assert max(abs(pa[k][0] - pb[k][0]) for k in pa) < 1e-5
+            assert max(abs(pa[k][0] - pb[k][0]) for k in pa) < (1e-5 if not autocast else 2e-2)
+            assert torch.isfinite(b.scores).all()
             ma = {k: a.pred_masks.tensor[i] for k, (_, i) in pa.items()}
             mb = {k: b.pred_masks.tensor[i] for k, (_, i) in pb.items()}
-            assert max((ma[k] != mb[k]).float().mean().item() for k in pa) < 1e-3
+            # bf16 rounds differently in fused kernels: pixels near the threshold may flip.
+            assert max((ma[k] != mb[k]).float().mean().item() for k in pa) < (1e-3 if not autocast else 1e-2)
 
 
 def _pairs(instances):

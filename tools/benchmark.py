@@ -391,7 +391,7 @@ def print_roofline(label: str, rf: dict, rate: float, dtype_name: str, boxes: in
         print(f"| {name} | {v['gflop']:.1f} | {v['measured_s'] * 1000:.1f} | {v['ideal_s'] * 1000:.2f} | "
               f"{v['fraction'] * 100:.1f}% |")
     t = rf["total"]
-    print(f"  bound {1 / t['ideal_s']:.1f} img/s at the matmul rate; measured {1 / t['measured_s']:.2f} img/s", flush=True)
+    print(f"  bound {1 / t['ideal_s']:.3g} img/s at the matmul rate; measured {1 / t['measured_s']:.3g} img/s", flush=True)
 
 
 def peak_memory_gb(device: str) -> float:

@@ -52,12 +52,18 @@ def sanitize_boxes(boxes: torch.Tensor, image_size: Tuple[int, int], where: str 
     return keep
 
 
-def compile_frozen(sam_encoder: SamRegionEncoder, clip_encoder: ClipImageTextEncoder, mode: str) -> None:
+def compile_frozen(sam_encoder: SamRegionEncoder, clip_encoder: ClipImageTextEncoder, mode: str,
+                   autocast: bool = False) -> None:
     """torch.compile the networks that dominate inference time, in place: SAM's image encoder and
     mask decoder, and CLIP's image transformer. `Module.compile` keeps parameter names, so
-    checkpoints load as before, and the region-token hook on the decoder keeps working."""
-    for module in (sam_encoder.sam.image_encoder, sam_encoder.sam.mask_decoder,
-                   clip_encoder.clip_model.visual.transformer):
+    checkpoints load as before, and the region-token hook on the decoder keeps working.
+
+    Under autocast the mask decoder is compiled as its two heavy parts (two-way transformer,
+    output upscaling) rather than whole: inductor's whole-decoder graph returned NaN tokens and
+    masks in bf16 on a CPU (SAM ViT-B; each part alone is exact and keeps most of the gain)."""
+    decoder = sam_encoder.sam.mask_decoder
+    decoder_parts = (decoder.transformer, decoder.output_upscaling) if autocast else (decoder,)
+    for module in (sam_encoder.sam.image_encoder, *decoder_parts, clip_encoder.clip_model.visual.transformer):
         module.compile(mode=None if mode == "default" else mode)
 
 
@@ -134,7 +140,7 @@ class RegionSpot(nn.Module):
         self.text_chunk_size = text_chunk_size
         self.autocast_dtype = AUTOCAST_DTYPES[autocast]
         if compile_mode:
-            compile_frozen(sam_encoder, clip_encoder, compile_mode)
+            compile_frozen(sam_encoder, clip_encoder, compile_mode, autocast=self.autocast_dtype is not None)
         self.prompt = prompt
         self.use_proposal_score = use_proposal_score
         self.max_dets_per_image = max_dets_per_image
