@@ -31,7 +31,11 @@ def instances_to_json(instances, img_id: int) -> List[dict]:
         return instances_to_coco_json(instances, img_id)
     boxes = BoxMode.convert(instances.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
     used, index = masks.index.unique(return_inverse=True)  # masks no detection refers to are skipped
-    rles = mask_util.encode(np.asfortranarray(masks.masks[used].numpy().transpose(1, 2, 0).astype(np.uint8)))
+    # pycocotools wants (H, W, N) in Fortran order, i.e. each mask column-major: that is the
+    # memory of a C-order (N, W, H) array, made by one transposing copy (2x faster than numpy's
+    # transpose + astype + asfortranarray; bool -> uint8 is a view).
+    fortran = masks.masks[used].transpose(1, 2).contiguous().numpy().view(np.uint8).transpose(2, 1, 0)
+    rles = mask_util.encode(fortran)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("utf-8")
     return [
