@@ -39,8 +39,8 @@ def add_regionspot_config(cfg: CN) -> None:
     # Mixed precision for the frozen encoders: "" (fp32), "bf16" or "fp16". The head stays fp32.
     _C.AUTOCAST = ""
     # torch.compile the frozen SAM image encoder, SAM mask decoder and CLIP image tower: "" (off)
-    # or a torch.compile mode ("default", "max-autotune", ...). The first images pay the
-    # compilation (about a minute on a CPU); see README "Speed and memory" for what it buys.
+    # or a torch.compile mode ("default", "max-autotune", ...). The first batch pays the
+    # compilation (1-2 min cold on a CPU); see README "Speed and memory" for what it buys.
     _C.COMPILE = ""
 
     _C.HEAD = CN()
