@@ -95,16 +95,33 @@ def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
     """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode)."""
     c = cfg.MODEL.REGIONSPOT
     model = build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
-    return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE).eval()
+    return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE, c.CLIP.RESIZE_MODE, c.CLIP.ANTIALIAS).eval()
+
+
+CLIP_RESIZE_MODES = ("bilinear", "bicubic")
 
 
 class ClipImageTextEncoder(nn.Module):
     """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings."""
 
-    def __init__(self, clip_model: CLIP, input_size: int = 224):
+    def __init__(self, clip_model: CLIP, input_size: int = 224, resize_mode: str = "bilinear",
+                 antialias: bool = False):
+        """
+        Args:
+            clip_model: a built CLIP (frozen by the caller).
+            input_size: side of the square image CLIP sees.
+            resize_mode, antialias: how the whole image is squashed to that square. The original
+                code calls torchvision's tensor `resize` with its defaults: bilinear, antialiased
+                since torchvision 0.17 and not before (the released heads date from 2023).
+        """
         super().__init__()
+        if resize_mode not in CLIP_RESIZE_MODES:
+            raise ValueError(f"Unknown CLIP resize mode {resize_mode!r} (MODEL.REGIONSPOT.CLIP.RESIZE_MODE); "
+                             f"choose one of {CLIP_RESIZE_MODES}.")
         self.clip_model = clip_model
         self.input_size = int(input_size)
+        self.resize_mode = resize_mode
+        self.antialias = bool(antialias)
         visual = clip_model.visual
         patch = visual.conv1.kernel_size[0]
         if self.input_size % patch:
@@ -127,8 +144,8 @@ class ClipImageTextEncoder(nn.Module):
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) RGB in [0, 255] -> (3, S, S) normalised: the whole image squashed to a square."""
         x = F.interpolate(
-            image[None].float(), (self.input_size, self.input_size), mode="bicubic",
-            align_corners=False, antialias=True,
+            image[None].float(), (self.input_size, self.input_size), mode=self.resize_mode,
+            align_corners=False, antialias=self.antialias,
         )
         return ((x - self.pixel_mean) / self.pixel_std)[0]
 

@@ -32,6 +32,14 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CLIP.DOWNLOAD_ROOT = ""
     # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
     _C.CLIP.INPUT_SIZE = 224
+    # How the whole image is squashed to CLIP's square. The original code uses torchvision's
+    # default tensor resize: bilinear, antialiased since torchvision 0.17 (January 2024) and not
+    # before. The released heads were trained and evaluated in 2023, so the default is bilinear
+    # without antialiasing; ANTIALIAS True is what the original code does with a current
+    # torchvision. Only an LVIS run with the released weights can tell which reproduces the
+    # paper best. RESIZE_MODE: "bilinear" or "bicubic".
+    _C.CLIP.RESIZE_MODE = "bilinear"
+    _C.CLIP.ANTIALIAS = False
     # Seed of randomly initialised encoders (checkpoint "random", tiny models). Fixed, so every
     # build and every process gets the same "random" SAM and CLIP.
     _C.RANDOM_INIT_SEED = 0
