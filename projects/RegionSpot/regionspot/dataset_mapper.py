@@ -22,6 +22,8 @@ _TOKEN_SAFE_TRANSFORMS = (T.ResizeTransform, T.CropTransform, T.NoOpTransform, T
 class RegionSpotDatasetMapper(DatasetMapper):
     """detectron2's `DatasetMapper`, with these differences:
 
+    - test images are resized by `INPUT.MIN_SIZE_TEST`/`MAX_SIZE_TEST` like detectron2's, and the
+      boxes and proposals with them;
     - ground-truth instances are kept at test time too (they are the box prompts of GT-box
       evaluation, which the original code dropped and then crashed on);
     - each output names its vocabulary (the dataset's, unless the config fixes one at test time),
@@ -61,9 +63,9 @@ class RegionSpotDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True, dataset_name: str = ""):
         ret = super().from_config(cfg, is_train)
         c = cfg.MODEL.REGIONSPOT
-        if not is_train:
-            # RegionSpot resizes on the device for SAM and CLIP: test images stay at full size.
-            ret["augmentations"] = []
+        # At test time detectron2's own ResizeShortestEdge(INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST) runs
+        # first, as in the original code; SAM's and CLIP's resizes then start from that image.
+        # MIN_SIZE_TEST 0 skips it. Outputs still come out at the original size ("height", "width").
         if c.PROMPT == "proposals" and not is_train:
             ret["precomputed_proposal_topk"] = cfg.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST
         ret["use_instance_mask"] = False

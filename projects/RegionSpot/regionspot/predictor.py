@@ -13,8 +13,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from detectron2.config import CfgNode, configurable, get_cfg
+from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import build_augmentation, read_image
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
@@ -41,9 +42,11 @@ class ImageFeatures:
     """The frozen encoders' output for one image: all `predict` needs besides the prompts."""
 
     image_size: Tuple[int, int]  # (H, W) of the original image
-    input_size: Tuple[int, int]  # (h, w) of the image resized for SAM
+    input_size: Tuple[int, int]  # (h, w) of the encoded image resized for SAM
     sam_embedding: torch.Tensor  # (C, h', w')
     clip_tokens: torch.Tensor  # (L, W)
+    encoded_size: Tuple[int, int]  # (H', W') of the image the encoders saw (after the test resize)
+    transform: T.Transform  # the test-time resize (INPUT.MIN_SIZE_TEST): original -> encoded pixels
 
 
 @dataclass
@@ -165,6 +168,16 @@ def _to_float_tensor(x: ArrayLike, name: str, device: torch.device) -> torch.Ten
     return t.detach().to(device=device, dtype=torch.float32).clone()
 
 
+def _transformed(transform: T.Transform, coords: Optional[torch.Tensor], boxes: bool) -> Optional[torch.Tensor]:
+    """XYXY boxes (N, 4) or XY points (..., 2) through a detectron2 transform, as the test mapper
+    moves annotations (in float64 numpy, then back to float32 on the same device)."""
+    if coords is None or isinstance(transform, T.NoOpTransform):
+        return coords
+    arr = coords.detach().cpu().double().numpy().copy()  # detectron2 transforms edit arrays in place
+    out = transform.apply_box(arr) if boxes else transform.apply_coords(arr.reshape(-1, 2)).reshape(arr.shape)
+    return torch.as_tensor(out, dtype=torch.float32, device=coords.device)
+
+
 class RegionSpotPredictor:
     """Classify regions of one image at a time, against any vocabulary, reusing image features.
 
@@ -184,6 +197,7 @@ class RegionSpotPredictor:
         vocabulary: Optional[VocabularyLike] = None,
         top_k: int = 5,
         max_cached_vocabularies: int = 16,
+        test_augmentations: Optional[Sequence[T.Augmentation]] = None,
     ):
         """
         Args:
@@ -193,6 +207,11 @@ class RegionSpotPredictor:
             top_k: how many classes `predict` keeps per region by default.
             max_cached_vocabularies: lists of names whose embeddings are kept in memory (the
                 least recently used is dropped first; the on-disk cache keeps them all).
+            test_augmentations: the resize applied to each image before the encoders, as the
+                test loader does (`from_config`: detectron2's `build_augmentation(cfg, False)`,
+                i.e. ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)). None =
+                detectron2's default ResizeShortestEdge(800, 1333); [] = none. Prompts and
+                results stay in the original image's pixels either way.
         """
         if not isinstance(model, RegionSpot):
             raise TypeError(f"RegionSpotPredictor needs a RegionSpot model, got {type(model).__name__}.")
@@ -200,6 +219,9 @@ class RegionSpotPredictor:
         self.default_vocabulary = vocabulary
         self.top_k = self._check_top_k(top_k)
         self.max_cached_vocabularies = max(1, int(max_cached_vocabularies))
+        if test_augmentations is None:
+            test_augmentations = [T.ResizeShortestEdge(800, 1333)]
+        self.test_augmentations = T.AugmentationList(list(test_augmentations))
         self._vocabularies: "OrderedDict[tuple, Tuple[List[str], torch.Tensor]]" = OrderedDict()
         self._features: Optional[ImageFeatures] = None
         self._image: Optional[np.ndarray] = None
@@ -214,7 +236,8 @@ class RegionSpotPredictor:
                 logger.warning("MODEL.WEIGHTS is empty: RegionSpot's head is randomly initialised, "
                                "so its classes are meaningless.")
         vocabulary = cfg.MODEL.REGIONSPOT.VOCABULARY or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-        return {"model": model, "vocabulary": vocabulary, **kwargs}
+        return {"model": model, "vocabulary": vocabulary,
+                "test_augmentations": build_augmentation(cfg, is_train=False), **kwargs}
 
     @classmethod
     def from_config_file(
@@ -263,12 +286,20 @@ class RegionSpotPredictor:
     def _to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(rgb.transpose(2, 0, 1).copy()).to(self.device)
 
+    def _resize(self, rgb: np.ndarray) -> Tuple[np.ndarray, T.Transform]:
+        """The image the test loader would give the model (INPUT.MIN_SIZE_TEST), and the transform."""
+        aug_input = T.AugInput(rgb)
+        transform = self.test_augmentations(aug_input)
+        return aug_input.image, transform
+
     def _encode(self, rgbs: List[np.ndarray]) -> List[ImageFeatures]:
-        tensors = [self._to_tensor(a) for a in rgbs]
+        resized = [self._resize(a) for a in rgbs]
+        tensors = [self._to_tensor(r) for r, _ in resized]
         sam_emb, input_sizes, clip_tokens = self.model.encode_images(tensors)
         return [
-            ImageFeatures(tuple(t.shape[-2:]), tuple(input_sizes[i]), sam_emb[i], clip_tokens[i])
-            for i, t in enumerate(tensors)
+            ImageFeatures(tuple(rgb.shape[:2]), tuple(input_sizes[i]), sam_emb[i], clip_tokens[i],
+                          tuple(tensors[i].shape[-2:]), resized[i][1])
+            for i, rgb in enumerate(rgbs)
         ]
 
     def set_image(self, image: ImageLike, format: str = "RGB") -> None:
@@ -450,8 +481,8 @@ class RegionSpotPredictor:
         names, text_emb = self.vocabulary_embeddings(vocabulary)
         with model._autocast():
             tokens, low_res = model.sam_encoder.decode_prompts(
-                feats.sam_embedding, feats.image_size, boxes=prompts["boxes"],
-                points=prompts["points"], point_labels=prompts["point_labels"],
+                feats.sam_embedding, feats.encoded_size, boxes=_transformed(feats.transform, prompts["boxes"], True),
+                points=_transformed(feats.transform, prompts["points"], False), point_labels=prompts["point_labels"],
             )
         region_emb = model.embed_regions([tokens.float()], feats.clip_tokens[None])[0]
         probs = model.classify(region_emb, text_emb).softmax(dim=-1)
@@ -496,8 +527,9 @@ class RegionSpotPredictor:
         if self._image is None:
             raise RuntimeError("No image is set: call set_image(image) before sam_auto_boxes().")
         f = self._features
-        image = torch.from_numpy(np.ascontiguousarray(self._image)).permute(2, 0, 1)
-        return self.model.sam_encoder.auto_boxes(image, f.sam_embedding, f.input_size, self.model.sam_auto_params)
+        image = torch.from_numpy(np.array(f.transform.apply_image(self._image))).permute(2, 0, 1)
+        boxes = self.model.sam_encoder.auto_boxes(image, f.sam_embedding, f.input_size, self.model.sam_auto_params)
+        return _transformed(f.transform.inverse(), boxes, True)
 
     # ------------------------------------------------------------------ many images
     def iter_predict(

@@ -70,7 +70,10 @@ def extract_tokens(
     pending = [(d, src) for d, src in pending if not is_valid(token_file(folder, d["image_id"]), d["image_id"], src)]
     summary.skipped = len(dicts) - len(pending)
     # Decoding and mapping run in loader workers, overlapping SAM; a failure comes back as a value.
-    mapper = _ReportingMapper(RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name))
+    # No test-time resize: cached boxes stay in the original image's pixels, where the training
+    # mapper applies its own augmentations to them.
+    mapper = _ReportingMapper(RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name,
+                                                      augmentations=[]))
     loader = torch.utils.data.DataLoader(
         MapDataset(DatasetFromList([d for d, _ in pending], copy=False, serialize=False), mapper),
         batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, shuffle=False,
