@@ -391,7 +391,9 @@ class RegionSpot(nn.Module):
         return tokens
 
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        """Sigmoid focal loss of each gt region against its class in the image's vocabulary."""
+        """Sigmoid focal loss of the gt regions against their classes, at the original code's scale:
+        per image, summed over classes and averaged over that image's regions; summed over the
+        images of the (per-process) batch. Padding regions never count."""
         images = self._rgb_images(batched_inputs)
         online = any("sam_tokens" not in x for x in batched_inputs)
         with torch.no_grad(), self._autocast():
@@ -406,14 +408,13 @@ class RegionSpot(nn.Module):
         # A zero that touches every head parameter: keeps backward (and DDP's reducer) valid for
         # a batch whose crops dropped every box.
         total = sum(p.sum() for p in self.head.parameters()) * 0.0
-        num_regions = 0
         for x, emb in zip(batched_inputs, region_emb):
+            if emb.shape[0] == 0:
+                continue
             _, text_emb = self.text_embeddings(x.get("vocabulary"))
             logits = self.classify(emb, text_emb)
             targets = F.one_hot(x["instances"].gt_classes.to(self.device), text_emb.shape[0]).float()
-            # Mean over classes, times the number of classes: the sum over classes.
-            total = total + sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none").sum()
-            num_regions += emb.shape[0]
-        # Summed over regions and normalised by their number: the reference's
-        # `loss.mean(1).sum() / num_boxes * num_classes` on (regions, classes) logits.
-        return {"loss_focal": total / max(num_regions, 1)}
+            loss = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none")
+            # The reference's `loss.mean(1).sum() / n * n` on (images, boxes, classes) logits.
+            total = total + loss.sum() / emb.shape[0]
+        return {"loss_focal": total}
