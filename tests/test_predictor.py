@@ -193,7 +193,7 @@ def test_new_clip_weights_invalidate_cached_vocabularies(predictor):
     clip.load_state_dict(state)
     _, after = predictor.vocabulary_embeddings(names)
     assert not torch.allclose(before, after)
-    want = torch.nn.functional.normalize(predictor.model._encode_text(["a photo of a cat.", "a photo of a dog."]), dim=-1)
+    want = torch.nn.functional.normalize(predictor.model.vocabulary.encode_prompts(["a photo of a cat.", "a photo of a dog."]), dim=-1)
     assert torch.allclose(after, want, atol=1e-6)
 
 

@@ -106,7 +106,7 @@ def test_cached_tokens_equal_online_tokens_on_unaugmented_images(cached, train_s
         torch.testing.assert_close(cache["boxes"], boxes, atol=1e-4, rtol=0)
         assert torch.equal(cache["classes"], x["instances"].gt_classes)
         sam_emb, _, _ = model.encode_images([x["image"]])
-        online, _ = model.decode_regions(sam_emb[0], boxes, tuple(x["image"].shape[-2:]))
+        online, _ = model.decode_regions(sam_emb[0], tuple(x["image"].shape[-2:]), boxes=boxes)
         assert cache["tokens"].shape == online.shape
         # Equal up to fp16 storage: relative rounding <= 2^-11 of each value.
         scale = online.abs().max().item()

@@ -34,13 +34,10 @@ from tqdm import tqdm
 
 from regionspot import add_regionspot_config
 from regionspot.evaluation import instances_to_json
-from regionspot.predictor import RegionSpotPredictor, VocabularyLike
+from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
-from regionspot.text_embeddings import (
-    BUILTIN_VOCABULARIES,
-    read_custom_vocabulary,
-    vocabulary_synonyms,
-)
+from regionspot.text_embeddings import BUILTIN_VOCABULARIES
+from regionspot.vocabulary import VocabularyLike, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -229,39 +226,11 @@ def resolve_vocabulary(args: argparse.Namespace, cfg: CfgNode) -> Tuple[Vocabula
     """(the vocabulary for the predictor, the dataset spec its category ids come from, if any)."""
     spec = args.vocabulary or cfg.MODEL.REGIONSPOT.VOCABULARY or (
         cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "lvis")
-    if spec != "custom":
-        if args.custom_vocabulary:
-            raise UsageError("--custom-vocabulary needs --vocabulary custom.")
-        if os.path.isfile(spec) or spec.endswith((".pth", ".pt")):
-            if args.synonyms:
-                raise UsageError("--synonyms cannot change a text-embedding file: make it with "
-                                 "tools/dump_text_embeddings.py --synonyms.")
-            return spec, None
-        if args.synonyms:
-            try:
-                return vocabulary_synonyms(spec), spec
-            except (KeyError, ValueError) as e:
-                raise UsageError(str(e).strip('"')) from e
-        return spec, spec
-    custom = args.custom_vocabulary
     try:
-        if not custom:
-            if not cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY:
-                raise UsageError("--vocabulary custom needs --custom-vocabulary 'a,b,c' or a file of names.")
-            names, groups = read_custom_vocabulary("", cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
-        elif custom.endswith((".pth", ".pt")):
-            return custom, None
-        else:
-            names, groups = read_custom_vocabulary(custom)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
-    if groups and args.synonyms:
-        return groups, None
-    if groups:
-        logger.info("The custom vocabulary lists synonyms; pass --synonyms to average them.")
-    elif args.synonyms:
-        raise UsageError("--synonyms: the custom vocabulary lists no synonyms ('name | synonym' lines).")
-    return names, None
+        return vocabulary_from_options(spec, args.custom_vocabulary, args.synonyms,
+                                       cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e).strip('"')) from e
 
 
 def category_ids(spec: Optional[str], num_classes: int) -> List[int]:

@@ -16,7 +16,6 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from regionspot import add_regionspot_config
-from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
@@ -47,7 +46,7 @@ def main(args):
     failed = 0
     for name in datasets:
         summary = extract_tokens(sam, cfg, name, output, shard=args.shard, num_shards=args.num_shards,
-                                 autocast_dtype=AUTOCAST_DTYPES[cfg.MODEL.REGIONSPOT.AUTOCAST])
+                                 autocast=cfg.MODEL.REGIONSPOT.AUTOCAST)
         summary = gather_summaries(summary)
         if comm.is_main_process():
             print(f"[{name}] {summary}", flush=True)

@@ -18,7 +18,16 @@ ORIGINAL_KEY_PREFIXES: List[Tuple[str, str]] = [
     ("model.decoder.", "head.decoder."),
     ("model.projector.", "head.projector."),
 ]
-FROZEN_PREFIXES = ("sam_encoder.", "clip_encoder.")
+# Frozen parts, loaded from their own files: not saved with the head, not missed when absent.
+FROZEN_PREFIXES = ("sam_encoder.", "clip_encoder.", "prompt_source.")
+
+
+def is_frozen_key(key: str) -> bool:
+    """Whether a state-dict key is a frozen part's, at the top (RegionSpot) or nested (e.g.
+    `roi_heads.regionspot.sam_encoder.*` in a GeneralizedRCNN)."""
+    return any(key.startswith(p) or f".{p}" in key for p in FROZEN_PREFIXES)
+
+
 # Non-tensor entries that OpenAI's JIT CLIP files carry in their state dict.
 _CLIP_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -90,7 +99,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
             return
         state = self.model.state_dict()
         if not self.save_frozen:
-            state = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
+            state = {k: v for k, v in state.items() if not is_frozen_key(k)}
         data = {"model": state}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()

@@ -72,8 +72,22 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CUSTOM_VOCABULARY = []
 
     # Where box prompts come from at inference: "gt" (the dataset's boxes), "proposals"
-    # (DATASETS.PROPOSAL_FILES_TEST) or "sam_auto" (SAM's automatic mask generator).
+    # (DATASETS.PROPOSAL_FILES_TEST), "sam_auto" (SAM's automatic mask generator), "detector"
+    # (any detectron2 model, DETECTOR below) or a class registered in PROMPT_SOURCE_REGISTRY.
     _C.PROMPT = "gt"
+    _C.DETECTOR = CN()
+    # The detector: a yacs .yaml, a LazyConfig .py, or a detectron2 model-zoo config name
+    # (e.g. "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml").
+    _C.DETECTOR.CONFIG_FILE = ""
+    # Its weights: a path or URL ("" with a model-zoo name = that model's released weights).
+    _C.DETECTOR.WEIGHTS = ""
+    # Overrides of the detector's config ("KEY VALUE" pairs, or LazyConfig "key=value" strings).
+    _C.DETECTOR.OPTS = []
+    # Keep its boxes scored at least this, the TOPK best per image (0 = all), after optional
+    # class-agnostic NMS at this IoU (0 = off).
+    _C.DETECTOR.SCORE_THRESH = 0.05
+    _C.DETECTOR.TOPK = 300
+    _C.DETECTOR.NMS_THRESH = 0.0
     # Multiply class probabilities by the proposal's own score when it has one.
     _C.USE_PROPOSAL_SCORE = True
     # An image with no entry in the proposals file: "error" or "empty" (no prompts, no detections).
@@ -102,6 +116,14 @@ def add_regionspot_config(cfg: CN) -> None:
     # The optimizer is AdamW with SOLVER.BASE_LR and SOLVER.WEIGHT_DECAY; gradient clipping comes
     # from SOLVER.CLIP_GRADIENTS, whose CLIP_TYPE may also be "full_model" (the paper's recipe:
     # one norm over all trainable parameters, at most CLIP_VALUE).
+
+    # RegionSpotROIHeads (MODEL.ROI_HEADS.NAME in a GeneralizedRCNN config): the RegionSpot
+    # checkpoint its fusion head loads at build time (path or URL; MODEL.WEIGHTS then holds the
+    # detector's own weights), and the side of the box-local mask grid handed to detectron2's
+    # detector_postprocess, which pastes it into the box at the original size (112: the pasted
+    # masks match the meta-architecture's inside the box with IoU >= 0.99, tested; 56 gave 0.90).
+    _C.HEAD_WEIGHTS = ""
+    _C.ROI_MASK_SIZE = 112
 
     _C.SAM_AUTO = CN()
     _C.SAM_AUTO.POINTS_PER_SIDE = 32

@@ -268,6 +268,24 @@ class SamRegionEncoder(nn.Module):
             return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
         return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
 
+    def box_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], image_size: Tuple[int, int],
+                  boxes: torch.Tensor, size: int = 112) -> torch.Tensor:
+        """Mask probabilities (N, 1, size, size) on a grid over each box (XYXY in `image_size`
+        pixels), sampled from SAM's low-res logits: the box-local masks detectron2's
+        `detector_postprocess` pastes (threshold 0.5, i.e. SAM's logit threshold 0)."""
+        if boxes.shape[0] == 0:
+            return low_res.new_zeros((0, 1, size, size), dtype=torch.float32)
+        S = float(self.image_size)
+        steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # (size,)
+        x0, y0, x1, y1 = boxes.float().unbind(dim=1)
+        xs = x0[:, None] + (x1 - x0)[:, None] * steps  # (N, size) image pixels
+        ys = y0[:, None] + (y1 - y0)[:, None] * steps
+        gx = xs * (input_size[1] / image_size[1]) * (2.0 / S) - 1.0
+        gy = ys * (input_size[0] / image_size[0]) * (2.0 / S) - 1.0
+        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
+        logits = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (logits - self.sam.mask_threshold).sigmoid()
+
     def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
                      fast: bool) -> torch.Tensor:
         if not fast:

@@ -1,8 +1,7 @@
 """Run frozen SAM over a dataset's ground-truth boxes and cache the region tokens per image."""
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from detectron2.data import DatasetCatalog
@@ -11,7 +10,7 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from .dataset_mapper import RegionSpotDatasetMapper
-from .meta_arch import sanitize_boxes
+from .region_pipeline import frozen_precision, sanitize_boxes
 from .sam_encoder import SamRegionEncoder
 from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
 
@@ -51,7 +50,7 @@ def extract_tokens(
     *,
     shard: int = 0,
     num_shards: int = 1,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast: str = "",
 ) -> ExtractionSummary:
     """Extract and cache tokens for this process's part of `dataset_name`.
 
@@ -78,8 +77,7 @@ def extract_tokens(
         MapDataset(DatasetFromList([d for d, _ in pending], copy=False, serialize=False), mapper),
         batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, shuffle=False,
     )
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
+    amp = frozen_precision(device, autocast)
     bar = tqdm(zip(pending, loader), total=len(pending), desc=f"SAM tokens {dataset_name}", unit="img",
                disable=not comm.is_main_process())
     for (d, source), x in bar:

@@ -16,7 +16,9 @@ from detectron2.utils import comm
 from .checkpoint import RegionSpotCheckpointer
 from .dataset_mapper import RegionSpotDatasetMapper
 from .evaluation import build_regionspot_evaluator
+from .head import RegionSpotHead
 from .proposals import attach_proposals
+from .region_pipeline import find_pipeline
 from .token_cache import token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
@@ -88,11 +90,10 @@ class RegionSpotTrainer(DefaultTrainer):
             super().__init__(cfg)
         # Encode every training vocabulary once, on the main process, into the on-disk cache;
         # the other processes then read it instead of each encoding ~1M prompts themselves.
-        model = self._trainer.model
-        model = model.module if hasattr(model, "module") else model
+        pipeline = find_pipeline(self._trainer.model)
         if comm.is_main_process():
             for name in cfg.DATASETS.TRAIN:
-                model.text_embeddings(name)
+                pipeline.text_embeddings(name)
         comm.synchronize()
 
     def build_hooks(self) -> List:
@@ -113,7 +114,9 @@ class RegionSpotTrainer(DefaultTrainer):
         """AdamW over the trainable (head) parameters, clipped as SOLVER.CLIP_GRADIENTS says:
         CLIP_TYPE "full_model" clips the norm of all of them together (the paper's recipe);
         "value"/"norm" are detectron2's per-parameter clippers."""
-        params = [p for p in model.parameters() if p.requires_grad]
+        # Only the fusion head learns (in a GeneralizedRCNN too: its backbone and RPN stay put).
+        params = [p for m in model.modules() if isinstance(m, RegionSpotHead) for p in m.parameters()
+                  if p.requires_grad]
         clip = cfg.SOLVER.CLIP_GRADIENTS
         if clip.ENABLED and clip.CLIP_TYPE == "full_model":
             optimizer_cls = _with_full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)
@@ -158,7 +161,7 @@ class RegionSpotTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
         dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        if cfg.MODEL.REGIONSPOT.PROMPT == "proposals":
+        if cfg.MODEL.REGIONSPOT.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
             names = list(cfg.DATASETS.TEST)
             files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
             if dataset_name not in names or len(files) != len(names):
