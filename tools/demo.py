@@ -88,7 +88,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="keep detections scoring at least this (class probability x prompt score)")
     p.add_argument("--classes-per-region", type=int, default=1,
-                   help="(box, class) pairs per region in the JSON output (LVIS evaluation uses several)")
+                   help="(box, class) pairs per region in the JSON output: each region's K best classes")
+    p.add_argument("--detections-per-image", type=int, default=0, metavar="N",
+                   help="instead, the image's N best (box, class) pairs over all regions, as --eval-only "
+                        "keeps them (TEST.DETECTIONS_PER_IMAGE)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
     return p
@@ -278,6 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.classes_per_region < 1:
         raise UsageError(f"--classes-per-region must be at least 1, got {args.classes_per_region}.")
+    if args.detections_per_image < 0:
+        raise UsageError(f"--detections-per-image must be positive, got {args.detections_per_image}.")
     cfg = setup_cfg(args)
     images, unmatched = find_images(args.input)
     for item in unmatched:
@@ -343,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         res = res.cpu()
         if args.json_output:
-            pairs = res.to_instances(args.classes_per_region)
+            pairs = (res.to_detections(args.detections_per_image) if args.detections_per_image
+                     else res.to_instances(args.classes_per_region))
             pairs = pairs[pairs.scores >= args.confidence_threshold]
             for rec in instances_to_json(pairs, image_id):
                 rec["category_name"] = names[rec["category_id"]]
