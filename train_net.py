@@ -5,20 +5,15 @@
         --eval-only MODEL.WEIGHTS path/to/regionspot.pth
 """
 import regionspot  # noqa: F401  (registers the meta-architecture and datasets)
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.trainer import RegionSpotTrainer as Trainer
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 

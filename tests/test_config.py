@@ -36,8 +36,11 @@ def test_every_config_merges(path):
     cfg = get_cfg()
     add_regionspot_config(cfg)
     cfg.merge_from_file(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "RegionSpot"
-    assert cfg.MODEL.REGIONSPOT.PROMPT in ("gt", "proposals", "sam_auto")
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # the plug-in configs: RegionSpot as ROI heads
+        assert cfg.MODEL.ROI_HEADS.NAME == "RegionSpotROIHeads"
+    else:
+        assert cfg.MODEL.META_ARCHITECTURE == "RegionSpot"
+    assert cfg.MODEL.REGIONSPOT.PROMPT in ("gt", "proposals", "sam_auto", "detector")
     if cfg.MODEL.REGIONSPOT.PROMPT == "proposals":
         assert len(cfg.DATASETS.PROPOSAL_FILES_TEST) == len(cfg.DATASETS.TEST)
 

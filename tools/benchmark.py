@@ -39,12 +39,11 @@ from PIL import Image
 import regionspot  # noqa: F401
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.region_pipeline import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -110,9 +109,7 @@ def startup(args) -> dict:
 
 
 def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
+    cfg = load_config(BASE_CONFIG, freeze=False)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
     c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size

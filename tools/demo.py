@@ -24,7 +24,7 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
@@ -32,7 +32,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.evaluation import instances_to_json
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
@@ -98,17 +98,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
     try:
-        cfg.merge_from_list(list(args.opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UsageError(f"Bad --opts {args.opts}: {e}") from e
-    cfg.freeze()
-    return cfg
+        return load_config(args.config_file, args.opts)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
 
 
 def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:

@@ -14,14 +14,12 @@ Only CLIP is built: SAM is not needed for this. Examples:
 """
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
 
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.clip_encoder import build_clip_encoder
 from regionspot.region_pipeline import frozen_precision
 from regionspot.text_embeddings import get_templates, save_embedding_file
@@ -50,20 +48,9 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
-    cfg.freeze()
-    return cfg
-
-
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
-    cfg = setup_cfg(args)
+    cfg = load_config(args.config_file, args.opts)
     c = cfg.MODEL.REGIONSPOT
     vocab, _ = vocabulary_from_options(args.vocabulary, args.custom_vocabulary, args.synonyms, c.CUSTOM_VOCABULARY)
     chunk = args.chunk_size or c.TEXT.CHUNK_SIZE

@@ -1,5 +1,9 @@
 """Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
+import os
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -130,3 +134,20 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM_AUTO.PRED_IOU_THRESH = 0.88
     _C.SAM_AUTO.STABILITY_SCORE_THRESH = 0.95
     _C.SAM_AUTO.MIN_MASK_REGION_AREA = 0
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -> CN:
+    """detectron2's config with RegionSpot's keys, `config_file` merged in, then "KEY VALUE"
+    `opts`: the one way every entry point builds its config. Errors name the file or the opts."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file not found: {config_file}")
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(config_file)
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"Bad config overrides {list(opts)}: {e}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg

@@ -5,13 +5,12 @@ of prompt sets (boxes, points, or both) against any vocabulary, reusing those fe
 embeddings are cached per vocabulary, so switching vocabularies costs nothing after the first use.
 """
 import logging
-import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, configurable, get_cfg
+from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import build_augmentation, read_image
@@ -21,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
-from .config import add_regionspot_config
+from .config import load_config
 from .meta_arch import RegionSpot
 from .prompt_sources import SamAutoBoxes
 from .region_pipeline import sanitize_boxes, top_classes, top_pairs
@@ -265,12 +264,7 @@ class RegionSpotPredictor:
     ) -> "RegionSpotPredictor":
         """Build from a RegionSpot YAML config, a checkpoint (None = the config's MODEL.WEIGHTS)
         and "KEY VALUE" overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"Config file not found: {config_file}")
-        cfg = get_cfg()
-        add_regionspot_config(cfg)
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
+        cfg = load_config(config_file, opts, freeze=False)
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
         cfg.freeze()
