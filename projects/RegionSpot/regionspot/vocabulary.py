@@ -154,9 +154,6 @@ class Vocabulary:
             self._memory[key] = (names, emb)
         return names, emb
 
-    def names(self, vocabulary: Optional[VocabularyLike] = None) -> List[str]:
-        return self.embeddings(vocabulary)[0]
-
     def _resolve(self, spec: str) -> Tuple[List[str], torch.Tensor]:
         if spec in self._registered:
             names, groups, emb = self._registered[spec]
