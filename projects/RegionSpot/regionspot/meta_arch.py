@@ -12,6 +12,7 @@ from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
 from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
+from .config import check_regionspot_config
 from .head import RegionSpotHead
 from .sam_encoder import SamRegionEncoder, build_sam_encoder
 from .structures import IndexedMasks
@@ -158,6 +159,7 @@ class RegionSpot(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_regionspot_config(cfg)  # before any (slow) build: a bad value fails at once
         c = cfg.MODEL.REGIONSPOT
         sam_encoder = build_sam_encoder(cfg)
         clip_encoder = build_clip_encoder(cfg)
