@@ -24,7 +24,9 @@ def main(args):
         if cfg.TEST.AUG.ENABLED:
             raise NotImplementedError("TEST.AUG: test-time augmentation is not supported by RegionSpot.")
         model = Trainer.build_model(cfg)
-        RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        RegionSpotCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, allow_random_head=cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         return res

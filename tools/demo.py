@@ -26,7 +26,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from regionspot.config import load_config
 from regionspot.evaluation import instances_to_json
+from regionspot.images import read_image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
 from regionspot.text_embeddings import BUILTIN_VOCABULARIES
@@ -130,6 +130,9 @@ def _boxes_array(value, where: str, box_mode: str) -> np.ndarray:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise UsageError(f"{where}: boxes must have shape (N, 4), got {boxes.shape}.")
+    bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+    if bad.size:
+        raise UsageError(f"{where}: boxes at rows {bad[:10].tolist()} have NaN or infinite coordinates.")
     if box_mode == "XYWH":
         boxes = BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
     return boxes.astype(np.float32)
@@ -165,6 +168,9 @@ def read_box_file(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np.ndarr
                 scores = np.asarray(scores, dtype=np.float32).reshape(-1)
                 if scores.shape[0] != boxes.shape[0]:
                     raise UsageError(f"{where}: {scores.shape[0]} scores for {boxes.shape[0]} boxes.")
+                if not np.isfinite(scores).all():
+                    raise UsageError(f"{where}: scores at rows {np.flatnonzero(~np.isfinite(scores))[:10].tolist()} "
+                                     "are NaN or infinite.")
             table[str(key)] = (boxes, scores)
         return table
     rows: Dict[str, list] = {}

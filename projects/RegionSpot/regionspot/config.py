@@ -1,6 +1,8 @@
 """Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
+import math
 import os
-from typing import Sequence
+from numbers import Real
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -54,6 +56,11 @@ def add_regionspot_config(cfg: CN) -> None:
     # or a torch.compile mode ("default", "max-autotune", ...). The first batch pays the
     # compilation (1-2 min cold on a CPU); see README "Speed and memory" for what it buys.
     _C.COMPILE = ""
+
+    # A checkpoint (MODEL.WEIGHTS) that leaves some head tensors at their random initialisation
+    # (missing keys or other shapes) is an error naming them; True = only warn (e.g. fine-tuning
+    # from a head of another shape on purpose). An empty MODEL.WEIGHTS always means a random head.
+    _C.ALLOW_RANDOM_HEAD = False
 
     _C.HEAD = CN()
     _C.HEAD.NUM_LAYERS = 3
@@ -151,3 +158,48 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True)
     if freeze:
         cfg.freeze()
     return cfg
+def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
+                  high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming `key` unless `value` is a finite number (an int if `integer`) in range."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        want = " and ".join(x for x in (lo, hi) if x)
+        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}"
+                         f"{' ' + want if want else ''}, got {value!r}.")
+
+
+def check_regionspot_config(cfg: CN) -> None:
+    """Check every numeric RegionSpot setting in one place, before anything is built, so a bad
+    value fails at once with its key instead of deep inside a run (e.g. ``range()`` with step 0).
+
+    Constraints that need built modules (NUM_HEADS dividing CLIP's width, INPUT_SIZE a multiple
+    of CLIP's patch) are checked where those modules are built and name their keys too.
+    """
+    c = cfg.MODEL.REGIONSPOT
+    k = "MODEL.REGIONSPOT."
+    _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
+    _check_number(k + "CLIP.INPUT_SIZE", c.CLIP.INPUT_SIZE, integer=True, low=1)
+    _check_number(k + "RANDOM_INIT_SEED", c.RANDOM_INIT_SEED, integer=True)
+    _check_number(k + "HEAD.NUM_LAYERS", c.HEAD.NUM_LAYERS, integer=True, low=1)
+    _check_number(k + "HEAD.NUM_HEADS", c.HEAD.NUM_HEADS, integer=True, low=1)
+    _check_number(k + "HEAD.DIM_FEEDFORWARD", c.HEAD.DIM_FEEDFORWARD, integer=True, low=1)
+    _check_number(k + "HEAD.DROPOUT", c.HEAD.DROPOUT, low=0, high=1, high_open=True)
+    _check_number(k + "TEXT.CHUNK_SIZE", c.TEXT.CHUNK_SIZE, integer=True, low=1)
+    _check_number(k + "TEST_IMS_PER_BATCH", c.TEST_IMS_PER_BATCH, integer=True, low=1)
+    _check_number("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, integer=True, low=1)
+    ratios = list(c.DATASET_RATIOS)
+    for i, r in enumerate(ratios):
+        _check_number(f"{k}DATASET_RATIOS[{i}]", r, low=0)
+    if ratios and sum(ratios) <= 0:
+        raise ValueError(f"{k}DATASET_RATIOS must have a positive sum, got {ratios}.")
+    _check_number(k + "SAM_AUTO.POINTS_PER_SIDE", c.SAM_AUTO.POINTS_PER_SIDE, integer=True, low=1)
+    _check_number(k + "SAM_AUTO.PRED_IOU_THRESH", c.SAM_AUTO.PRED_IOU_THRESH, low=0, high=1)
+    _check_number(k + "SAM_AUTO.STABILITY_SCORE_THRESH", c.SAM_AUTO.STABILITY_SCORE_THRESH, low=0, high=1)
+    _check_number(k + "SAM_AUTO.MIN_MASK_REGION_AREA", c.SAM_AUTO.MIN_MASK_REGION_AREA, integer=True, low=0)

@@ -13,7 +13,7 @@ import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
 from .config import load_config
+from .images import pil_to_numpy, read_image, to_uint8_image
 from .meta_arch import RegionSpot
 from .prompt_sources import SamAutoBoxes
 from .region_pipeline import sanitize_boxes, top_classes, top_pairs
@@ -249,7 +250,8 @@ class RegionSpotPredictor:
         if model is None:
             model = build_model(cfg)  # already on cfg.MODEL.DEVICE
             if cfg.MODEL.WEIGHTS:
-                RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+                RegionSpotCheckpointer(model, allow_random_head=cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD).load(
+                    cfg.MODEL.WEIGHTS)
             else:
                 logger.warning("MODEL.WEIGHTS is empty: RegionSpot's head is randomly initialised, "
                                "so its classes are meaningless.")
@@ -281,18 +283,19 @@ class RegionSpotPredictor:
         if isinstance(image, str):
             return read_image(image, format="RGB")  # a file is decoded as RGB whatever `format` says
         if isinstance(image, Image.Image):
-            return np.asarray(image.convert("RGB"))
+            return pil_to_numpy(image, "RGB", "The PIL image")
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"An image tensor must be (3, H, W), got {tuple(image.shape)}.")
-            image = image.detach().permute(1, 2, 0).cpu().numpy()
+            image = image.detach()
+            image = image.float() if image.dtype == torch.bfloat16 else image  # numpy has no bfloat16
+            image = image.permute(1, 2, 0).cpu().numpy()
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"An image must be (H, W, 3) or (H, W), got shape {arr.shape}.")
-        if not np.isfinite(arr).all():
-            raise ValueError("The image has NaN or infinite pixel values.")
+        arr = to_uint8_image(arr, "The image")
         if format == "BGR":
             arr = arr[:, :, ::-1]
         return np.ascontiguousarray(arr)
@@ -320,8 +323,11 @@ class RegionSpotPredictor:
         """Run the frozen SAM and CLIP image encoders on `image`, once, for later `predict` calls.
 
         Args:
-            image: (H, W, 3) uint8 array in `format` channel order (or (H, W) grayscale), a PIL
-                image, a (3, H, W) tensor in `format` order, or an image file path.
+            image: (H, W, 3) array in `format` channel order (or (H, W) grayscale), a PIL
+                image, a (3, H, W) tensor in `format` order, or an image file path. Arrays and
+                tensors are uint8 in [0, 255], uint16 (scaled by 255/65535) or float in [0, 1]
+                (scaled by 255); other dtypes and ranges raise ValueError (`images.to_uint8_image`).
+                Files and PIL images of 16-bit grayscale are scaled too (`images.read_image`).
             format: "RGB" or "BGR" (as `cv2.imread` gives).
         """
         rgb = self._to_rgb_array(image, format)

@@ -16,6 +16,7 @@ from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
 from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
+from .config import check_regionspot_config
 from .head import RegionSpotHead
 from .sam_encoder import SamRegionEncoder, build_sam_encoder
 from .structures import IndexedMasks
@@ -160,6 +161,7 @@ class RegionPipeline(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
+        check_regionspot_config(cfg)  # before any (slow) build: a bad value fails at once
         c = cfg.MODEL.REGIONSPOT
         sam_encoder = build_sam_encoder(cfg)
         clip_encoder = build_clip_encoder(cfg)

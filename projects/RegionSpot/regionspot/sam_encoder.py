@@ -21,6 +21,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from .config import check_regionspot_config
 from .sam_attention import use_fused_attention
 from .weights import load_weights_file
 
@@ -76,12 +77,20 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint")
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint (MODEL.REGIONSPOT.SAM.CHECKPOINT)")
         state = state.get("model", state)
-        missing, unexpected = sam.load_state_dict(state, strict=False)
+        try:
+            if not isinstance(state, dict):
+                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+            missing, unexpected = sam.load_state_dict(state, strict=False)
+        except Exception as e:  # other shapes, non-tensor values, ...
+            raise RuntimeError(
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type "
+                f"{sam_type!r}: {type(e).__name__}: {e}"
+            ) from e
         if missing or unexpected:
             raise RuntimeError(
-                f"SAM checkpoint {checkpoint} does not fit SAM type {sam_type!r}: "
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type {sam_type!r}: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
             )
@@ -110,6 +119,7 @@ class _PrecomputedSamPredictor(SamPredictor):
 
 def build_sam_encoder(cfg) -> "SamRegionEncoder":
     """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode)."""
+    check_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
     sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
     return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()

@@ -9,7 +9,7 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from .dataset_mapper import RegionSpotDatasetMapper
+from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from .region_pipeline import frozen_precision, sanitize_boxes
 from .sam_encoder import SamRegionEncoder
 from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
@@ -60,7 +60,9 @@ def extract_tokens(
     """
     device = next(sam_encoder.parameters()).device
     folder = token_cache_folder(output_root, dataset_name, cfg.MODEL.REGIONSPOT.SAM.TYPE)
-    dicts = shard_of(DatasetCatalog.get(dataset_name), shard, num_shards, comm.get_rank(), comm.get_world_size())
+    all_dicts = DatasetCatalog.get(dataset_name)
+    warn_degenerate_annotations(all_dicts, dataset_name)
+    dicts = shard_of(all_dicts, shard, num_shards, comm.get_rank(), comm.get_world_size())
     summary = ExtractionSummary()
     check = tqdm(dicts, desc=f"checking cache {dataset_name}", unit="img", disable=not comm.is_main_process(),
                  leave=False)

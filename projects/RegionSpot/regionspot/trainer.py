@@ -14,7 +14,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from .checkpoint import RegionSpotCheckpointer
-from .dataset_mapper import RegionSpotDatasetMapper
+from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from .evaluation import build_regionspot_evaluator
 from .head import RegionSpotHead
 from .proposals import attach_proposals
@@ -99,7 +99,8 @@ class RegionSpotTrainer(DefaultTrainer):
     def build_hooks(self) -> List:
         # Hooks capture self.checkpointer, so swap in ours (head-only, original-layout aware) first.
         self.checkpointer = RegionSpotCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            allow_random_head=self.cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD,
         )
         ret = super().build_hooks()
         if self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
@@ -133,6 +134,7 @@ class RegionSpotTrainer(DefaultTrainer):
         loaders = []
         for name in names:
             dicts = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            warn_degenerate_annotations(dicts, name)
             if cfg.MODEL.REGIONSPOT.TOKEN_MODE == "cached":
                 dicts = cls._with_cached_tokens(cfg, name, dicts)
             mapper = RegionSpotDatasetMapper(cfg, is_train=True, dataset_name=name)
@@ -161,6 +163,7 @@ class RegionSpotTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
         dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        warn_degenerate_annotations(dicts, dataset_name, evaluation=True)
         if cfg.MODEL.REGIONSPOT.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
             names = list(cfg.DATASETS.TEST)
             files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
