@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from regionspot import add_regionspot_config
 from regionspot.evaluation import instances_to_json
+from regionspot.file_io import atomic_write
 from regionspot.predictor import RegionSpotPredictor, VocabularyLike
 from regionspot.proposals import read_json_proposals
 from regionspot.text_embeddings import (
@@ -288,15 +288,6 @@ def output_path(output: str, image: str, single: bool, used: set) -> str:
     return os.path.join(output, name + ".png")
 
 
-def write_json(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     try:
@@ -388,7 +379,8 @@ def run(args: argparse.Namespace) -> int:
             drawn.save(output_path(args.output, path, len(images) == 1, used_names))
 
     if args.json_output:
-        write_json(args.json_output, results)
+        with atomic_write(args.json_output, "w") as f:
+            json.dump(results, f)
     done = len(images) - sum(1 for f, _ in failures if f in images)
     summary = f"RegionSpot demo: {done} of {len(images)} images done"
     if args.json_output:
