@@ -23,7 +23,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
@@ -31,11 +31,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from regionspot import add_regionspot_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.evaluation import instances_to_json
 from regionspot.file_io import atomic_write
+from regionspot.model_zoo import resolve_config_file
 from regionspot.predictor import RegionSpotPredictor, VocabularyLike
 from regionspot.proposals import read_json_proposals
+from regionspot.sam_encoder import SAM_AUTO_EMPTY_HINT
 from regionspot.text_embeddings import (
     BUILTIN_VOCABULARIES,
     read_custom_vocabulary,
@@ -56,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
         description="RegionSpot demo: classify region prompts of your images with any vocabulary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config-file", required=True, metavar="FILE", help="a RegionSpot config file")
+    p.add_argument("--config-file", required=True, metavar="FILE",
+                   help="a RegionSpot config file, or a model-zoo name (e.g. RegionSpot-BB.yaml)")
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, glob patterns (quote them) or folders of images")
     p.add_argument("--output", help="a folder for the drawn pictures (PNG); a file path for a single image")
@@ -98,13 +101,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
     try:
-        cfg.merge_from_list(list(args.opts))
+        config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    try:
+        cfg = get_regionspot_cfg(config_file, args.opts)
     except (KeyError, ValueError, AssertionError) as e:
         raise UsageError(f"Bad --opts {args.opts}: {e}") from e
     cfg.freeze()
@@ -329,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
 
     failures: List[Tuple[str, str]] = [(item, "matches no image file") for item in unmatched]
     results, used_names = [], set()
+    no_auto_boxes = 0  # images where SAM's automatic mask generator found nothing
     for path in tqdm(images, desc="RegionSpot demo", unit="image"):
         try:
             rgb = read_image(path, format="RGB")
@@ -341,6 +344,7 @@ def run(args: argparse.Namespace) -> int:
         scores = None
         if args.sam_auto:
             boxes = predictor.sam_auto_boxes()
+            no_auto_boxes += len(boxes) == 0
         else:
             entry = lookup_prompts(table, path, image_id)
             if entry is None:
@@ -388,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         summary += f", pictures in {args.output}"
     print(summary + ".", file=sys.stderr)
+    if no_auto_boxes:
+        print(f"{no_auto_boxes} of {len(images)} images got no --sam-auto region, hence no detections. "
+              f"{SAM_AUTO_EMPTY_HINT}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} failed:", file=sys.stderr)
         for item, why in failures:

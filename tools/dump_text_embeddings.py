@@ -15,15 +15,14 @@ Only CLIP is built: SAM is not needed for this. Examples:
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from regionspot import add_regionspot_config
 from regionspot.clip_encoder import build_clip_encoder
+from regionspot.config import get_regionspot_cfg
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.text_embeddings import (
     cached_class_embeddings,
@@ -42,7 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE",
-                   help="a RegionSpot config: its CLIP, templates and cache folder are used")
+                   help="a RegionSpot config (or a model-zoo name): its CLIP, templates and cache folder are used")
     p.add_argument("--vocabulary", required=True,
                    help="lvis | coco | <registered dataset> | custom")
     p.add_argument("--custom-vocabulary", default="",
@@ -59,12 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    cfg = get_regionspot_cfg(args.config_file, args.opts)  # a path or a model-zoo name
     cfg.freeze()
     return cfg
 

@@ -11,11 +11,10 @@ import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from regionspot import add_regionspot_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
@@ -33,10 +32,7 @@ def parse_args(argv=None):
 
 def main(args):
     setup_logger(name="regionspot", distributed_rank=comm.get_rank())
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts)  # a path or a model-zoo name
     cfg.freeze()
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)

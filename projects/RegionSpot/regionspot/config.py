@@ -1,5 +1,11 @@
 """Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .datasets import register_datasets_from_cfg
+from .model_zoo import resolve_config_file
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -87,6 +93,11 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.TOKEN_MODE = "online"
     # Root of the token cache ("" = $REGIONSPOT_CACHE/sam_tokens); files are under <dataset>/<SAM type>/.
     _C.TOKEN_CACHE_DIR = ""
+    # Your own datasets, registered when a config is loaded so every entry point knows them:
+    # a list of [name, json_file, image_root] (COCO format) or [name, json_file, image_root, "lvis"]
+    # (LVIS format: category ids 1..C, images at image_root/<coco_url's last folder>/<file>).
+    # Then name them in DATASETS.TRAIN / DATASETS.TEST / a vocabulary like any registered dataset.
+    _C.REGISTER_DATASETS = []
     # Sampling ratio of each DATASETS.TRAIN entry; every batch comes from one dataset. [] = equal.
     _C.DATASET_RATIOS = []
     # Metric that picks the best checkpoint during training (EvalHook + BestCheckpointer).
@@ -100,3 +111,17 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM_AUTO.PRED_IOU_THRESH = 0.88
     _C.SAM_AUTO.STABILITY_SCORE_THRESH = 0.95
     _C.SAM_AUTO.MIN_MASK_REGION_AREA = 0
+
+
+def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = ()) -> CN:
+    """detectron2's `get_cfg` with RegionSpot's keys, a config file (a path or a model-zoo name,
+    see `regionspot.model_zoo`) and "KEY VALUE" overrides merged; the datasets of
+    MODEL.REGIONSPOT.REGISTER_DATASETS are registered. Not frozen. Every entry point loads its
+    config through this, so they all read files, names and overrides the same way."""
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    if config_file:
+        cfg.merge_from_file(resolve_config_file(config_file))
+    cfg.merge_from_list(list(opts))
+    register_datasets_from_cfg(cfg)
+    return cfg

@@ -5,14 +5,13 @@ of prompt sets (boxes, points, or both) against any vocabulary, reusing those fe
 embeddings are cached per vocabulary, so switching vocabularies costs nothing after the first use.
 """
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, configurable, get_cfg
+from detectron2.config import CfgNode, configurable
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
@@ -21,7 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
-from .config import add_regionspot_config
+from .config import get_regionspot_cfg
+from .datasets import register_datasets_from_cfg
 from .meta_arch import RegionSpot, sanitize_boxes
 from .structures import IndexedMasks
 from .text_embeddings import cached_class_embeddings, parse_vocabulary
@@ -206,6 +206,7 @@ class RegionSpotPredictor:
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: Optional[RegionSpot] = None, **kwargs):
+        register_datasets_from_cfg(cfg)  # a cfg built by hand may name its own datasets too
         if model is None:
             model = build_model(cfg)  # already on cfg.MODEL.DEVICE
             if cfg.MODEL.WEIGHTS:
@@ -220,14 +221,10 @@ class RegionSpotPredictor:
     def from_config_file(
         cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs
     ) -> "RegionSpotPredictor":
-        """Build from a RegionSpot YAML config, a checkpoint (None = the config's MODEL.WEIGHTS)
-        and "KEY VALUE" overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"Config file not found: {config_file}")
-        cfg = get_cfg()
-        add_regionspot_config(cfg)
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
+        """Build from a RegionSpot YAML config (a path, or a model-zoo name such as
+        "RegionSpot-BL.yaml"), a checkpoint (None = the config's MODEL.WEIGHTS) and "KEY VALUE"
+        overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
+        cfg = get_regionspot_cfg(config_file, opts)
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
         cfg.freeze()
