@@ -43,7 +43,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.region_pipeline import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -109,7 +109,7 @@ def startup(args) -> dict:
 
 
 def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
-    cfg = load_config(BASE_CONFIG, freeze=False)
+    cfg = get_regionspot_cfg(BASE_CONFIG)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
     c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size

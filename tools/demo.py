@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,11 +30,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.evaluation import instances_to_json
+from regionspot.file_io import atomic_write
 from regionspot.images import read_image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
+from regionspot.sam_encoder import SAM_AUTO_EMPTY_HINT
 from regionspot.text_embeddings import BUILTIN_VOCABULARIES
 from regionspot.vocabulary import VocabularyLike, vocabulary_from_options
 
@@ -53,7 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
         description="RegionSpot demo: classify region prompts of your images with any vocabulary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config-file", required=True, metavar="FILE", help="a RegionSpot config file")
+    p.add_argument("--config-file", required=True, metavar="FILE",
+                   help="a RegionSpot config file, or a model-zoo name (e.g. RegionSpot-BB.yaml)")
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, glob patterns (quote them) or folders of images")
     p.add_argument("--output", help="a folder for the drawn pictures (PNG); a file path for a single image")
@@ -99,7 +101,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     try:
-        return load_config(args.config_file, args.opts)
+        return get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -259,15 +261,6 @@ def output_path(output: str, image: str, single: bool, used: set) -> str:
     return os.path.join(output, name + ".png")
 
 
-def write_json(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     try:
@@ -311,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
 
     failures: List[Tuple[str, str]] = [(item, "matches no image file") for item in unmatched]
     results, used_names = [], set()
+    no_auto_boxes = 0  # images where SAM's automatic mask generator found nothing
     for path in tqdm(images, desc="RegionSpot demo", unit="image"):
         try:
             rgb = read_image(path, format="RGB")
@@ -323,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
         scores = None
         if args.sam_auto:
             boxes = predictor.sam_auto_boxes()
+            no_auto_boxes += len(boxes) == 0
         else:
             entry = lookup_prompts(table, path, image_id)
             if entry is None:
@@ -362,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
             drawn.save(output_path(args.output, path, len(images) == 1, used_names))
 
     if args.json_output:
-        write_json(args.json_output, results)
+        with atomic_write(args.json_output, "w") as f:
+            json.dump(results, f)
     done = len(images) - sum(1 for f, _ in failures if f in images)
     summary = f"RegionSpot demo: {done} of {len(images)} images done"
     if args.json_output:
@@ -370,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         summary += f", pictures in {args.output}"
     print(summary + ".", file=sys.stderr)
+    if no_auto_boxes:
+        print(f"{no_auto_boxes} of {len(images)} images got no --sam-auto region, hence no detections. "
+              f"{SAM_AUTO_EMPTY_HINT}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} failed:", file=sys.stderr)
         for item, why in failures:

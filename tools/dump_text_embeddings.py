@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from regionspot.config import load_config
 from regionspot.clip_encoder import build_clip_encoder
+from regionspot.config import get_regionspot_cfg
 from regionspot.region_pipeline import frozen_precision
 from regionspot.text_embeddings import get_templates, save_embedding_file
 from regionspot.vocabulary import Vocabulary, vocabulary_from_options
@@ -32,7 +32,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE",
-                   help="a RegionSpot config: its CLIP, templates and cache folder are used")
+                   help="a RegionSpot config (or a model-zoo name): its CLIP, templates and cache folder are used")
     p.add_argument("--vocabulary", required=True,
                    help="lvis | coco | <registered dataset> | custom")
     p.add_argument("--custom-vocabulary", default="",
@@ -50,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
-    cfg = load_config(args.config_file, args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     c = cfg.MODEL.REGIONSPOT
     vocab, _ = vocabulary_from_options(args.vocabulary, args.custom_vocabulary, args.synonyms, c.CUSTOM_VOCABULARY)
     chunk = args.chunk_size or c.TEXT.CHUNK_SIZE

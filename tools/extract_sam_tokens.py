@@ -14,7 +14,7 @@ import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
@@ -31,7 +31,7 @@ def parse_args(argv=None):
 
 def main(args):
     setup_logger(name="regionspot", distributed_rank=comm.get_rank())
-    cfg = load_config(args.config_file, args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)  # a path or a model-zoo name
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR

@@ -4,6 +4,7 @@ The region token is the mask decoder's first output mask token (the one SAM uses
 ``multimask_output=False``). We read it with a forward hook on ``mask_decoder.transformer``,
 so the `segment_anything` package is used exactly as published.
 """
+import logging
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
+from detectron2.utils.logger import log_first_n
 from torch import nn
 
 from .config import check_regionspot_config
@@ -57,6 +59,13 @@ def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
 
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+# Why SAM's automatic mask generator may give an image no box at all, and what to change.
+SAM_AUTO_EMPTY_HINT = (
+    "SAM's automatic mask generator kept no mask: its predicted-IoU and stability thresholds filtered "
+    "every candidate (with random or tiny SAM weights they filter everything). Lower "
+    "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH and STABILITY_SCORE_THRESH (the tiny model needs 0 "
+    "for both), or give box prompts instead."
+)
 RANDOM_INIT_SEED = 0
 
 
@@ -257,6 +266,9 @@ class SamRegionEncoder(nn.Module):
         generator = SamAutomaticMaskGenerator(self.sam, **params)
         generator.predictor = _PrecomputedSamPredictor(self.sam, embedding, input_size, rgb.shape[:2])
         records = generator.generate(rgb)
+        if not records:
+            log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
+                        name="regionspot.sam_encoder")
         boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=embedding.device)
         boxes = boxes.view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY

@@ -7,13 +7,14 @@ negative of its image, which keeps LVIS AP honest on it.
 import json
 import math
 import os
-import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
 from PIL import Image, ImageDraw
+
+from .file_io import atomic_write
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 220),
            "yellow": (230, 210, 30), "magenta": (200, 40, 200), "cyan": (30, 200, 210)}
@@ -106,10 +107,8 @@ def make_synthetic_lvis(
                    "frequency": _FREQUENCIES[k % 3]} for k, n in enumerate(classes)]
     data = {"info": {"params": params}, "images": images, "annotations": annotations,
             "categories": categories, "licenses": []}
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(json_path, "w") as f:
         json.dump(data, f)
-    os.replace(tmp, json_path)
     return json_path
 
 
