@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from regionspot import add_regionspot_config
 from regionspot.evaluation import instances_to_json
+from regionspot.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
 from regionspot.predictor import RegionSpotPredictor, VocabularyLike
 from regionspot.proposals import read_json_proposals
 from regionspot.text_embeddings import (
@@ -275,8 +275,25 @@ def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
     return list(range(1, num_classes + 1))
 
 
+def picture_is_a_file(output: str, single: bool) -> bool:
+    """--output is the picture's own file name (one input image, an image extension), not a folder."""
+    return single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
+
+
+def check_outputs(args: argparse.Namespace, single: bool) -> None:
+    """Refuse unwritable --output / --json-output before any image is processed (exit 2)."""
+    try:
+        if args.json_output:
+            args.json_output = check_output_file(args.json_output, "--json-output")
+        if args.output:
+            check = check_output_file if picture_is_a_file(args.output, single) else check_output_dir
+            args.output = check(args.output, "--output")
+    except OutputPathError as e:
+        raise UsageError(str(e)) from e
+
+
 def output_path(output: str, image: str, single: bool, used: set) -> str:
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output):
+    if picture_is_a_file(output, single):
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         return output
     os.makedirs(output, exist_ok=True)
@@ -286,15 +303,6 @@ def output_path(output: str, image: str, single: bool, used: set) -> str:
         name, n = f"{stem}_{n}", n + 1
     used.add(name)
     return os.path.join(output, name + ".png")
-
-
-def write_json(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -315,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error(f"--input {item} matches no image file.")
     if not images:
         raise UsageError(f"No images found in --input {args.input}.")
+    check_outputs(args, single=len(images) == 1)
     table = None
     if args.boxes:
         table = read_box_file(args.boxes, args.box_mode)
@@ -346,11 +355,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error(f"Skipping {path}: unreadable image ({e}).")
             continue
         image_id = image_id_of(path, ids)
-        predictor.set_image(rgb, format="RGB")
         scores = None
-        if args.sam_auto:
-            boxes = predictor.sam_auto_boxes()
-        else:
+        if not args.sam_auto:
             entry = lookup_prompts(table, path, image_id)
             if entry is None:
                 source = args.boxes or args.proposals
@@ -366,9 +372,12 @@ def run(args: argparse.Namespace) -> int:
                 boxes, scores = boxes[top], scores[top]
             if not use_scores:
                 scores = None
-        try:
+        try:  # everything about one image fails for that image alone
+            predictor.set_image(rgb, format="RGB")
+            if args.sam_auto:
+                boxes = predictor.sam_auto_boxes()
             res = predictor.predict(boxes=boxes, prompt_scores=scores, vocabulary=vocabulary, top_k=top_k)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             failures.append((path, str(e)))
             logger.error(f"Skipping {path}: {e}")
             continue
@@ -385,10 +394,19 @@ def run(args: argparse.Namespace) -> int:
             instances = instances[instances.scores >= args.confidence_threshold]
             vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
             drawn = vis.draw_instance_predictions(instances)
-            drawn.save(output_path(args.output, path, len(images) == 1, used_names))
+            picture = output_path(args.output, path, len(images) == 1, used_names)
+            try:
+                drawn.save(picture)
+            except OSError as e:
+                failures.append((path, f"cannot write {picture} ({e})"))
+                logger.error(f"Cannot write the picture of {path} to {picture}: {e}")
 
     if args.json_output:
-        write_json(args.json_output, results)
+        try:
+            atomic_write_bytes(json.dumps(results).encode(), args.json_output)
+        except OSError as e:
+            failures.append((args.json_output, str(e)))
+            logger.error(str(e))
     done = len(images) - sum(1 for f, _ in failures if f in images)
     summary = f"RegionSpot demo: {done} of {len(images)} images done"
     if args.json_output:

@@ -24,6 +24,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from regionspot import add_regionspot_config
 from regionspot.clip_encoder import build_clip_encoder
+from regionspot.file_io import check_output_file
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.text_embeddings import (
     cached_class_embeddings,
@@ -86,6 +87,7 @@ def vocabulary_groups(args: argparse.Namespace, cfg: CfgNode):
 
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
+    args.output = check_output_file(args.output, "--output")  # before any encoding (exit 2)
     cfg = setup_cfg(args)
     names, groups = vocabulary_groups(args, cfg)
     c = cfg.MODEL.REGIONSPOT
@@ -122,6 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"dump_text_embeddings.py: error: {str(e).strip(chr(34))}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up while writing; the embeddings stay in the cache
+        print(f"dump_text_embeddings.py: error: {e}", file=sys.stderr)
+        return 1
     print(f"Wrote {path}", file=sys.stderr)
     return 0
 

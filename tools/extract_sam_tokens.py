@@ -7,6 +7,7 @@
 Writes one file per image under OUTPUT/<dataset>/<sam type>/. Restarting a killed run redoes
 nothing already written; truncated or corrupt files are redone.
 """
+import os
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)
@@ -16,8 +17,10 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from regionspot import add_regionspot_config
+from regionspot.file_io import OutputPathError, check_output_dir
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.sam_encoder import build_sam_encoder
+from regionspot.text_embeddings import default_cache_dir
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
 
@@ -38,9 +41,15 @@ def main(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
+    try:  # before SAM is built or any image is encoded
+        check_output_dir(output or os.path.join(default_cache_dir(), "sam_tokens"),
+                         "--output" if args.output is not None else "MODEL.REGIONSPOT.TOKEN_CACHE_DIR")
+    except OutputPathError as e:
+        print(f"extract_sam_tokens.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)
-    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:
         raise ValueError("No dataset to extract: give --dataset or set DATASETS.TRAIN.")
