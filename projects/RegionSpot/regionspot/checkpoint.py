@@ -8,6 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .file_io import atomic_torch_save, atomic_write_bytes
+from .weights import download, is_url
 
 # Key prefixes of the original RegionSpot code -> ours. Its meta-architecture kept everything
 # under one `model` submodule; we keep the frozen encoders and the head apart.
@@ -52,6 +53,8 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         self.save_frozen = save_frozen
 
     def load(self, path: str, *args, **kwargs):
+        if path and is_url(path):  # downloaded once, with a timeout and an error naming the fix
+            path = download(path, "MODEL.WEIGHTS", "RegionSpot checkpoint")
         if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint file not found (MODEL.WEIGHTS): {path}")
         return super().load(path, *args, **kwargs)

@@ -20,7 +20,7 @@ def _os_error_in(exc: BaseException) -> Optional[OSError]:
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 

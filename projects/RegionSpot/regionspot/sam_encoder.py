@@ -76,7 +76,7 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint")
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint", "MODEL.REGIONSPOT.SAM.CHECKPOINT")
         state = state.get("model", state)
         missing, unexpected = sam.load_state_dict(state, strict=False)
         if missing or unexpected:
