@@ -12,7 +12,8 @@ detectron2's Visualizer; --json-output writes COCO-format results. Examples:
         --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output vis/
 
 Exit code: 0 when every image was processed, 1 when some image failed (each is reported by
-name; the others still finish), 2 for bad options or files given on the command line.
+name; the others still finish and the JSON is still written), 2 for bad options or files given on
+the command line, output paths that cannot be written included (checked before any image is read).
 """
 import argparse
 import glob
