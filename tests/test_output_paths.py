@@ -1,7 +1,6 @@
 """Bad output paths are refused before any work starts, with exit code 2 and the path named, by
 tools/demo.py, tools/dump_text_embeddings.py and tools/extract_sam_tokens.py."""
 import importlib.util
-import json
 import os
 import subprocess
 import sys
