@@ -12,7 +12,8 @@ detectron2's Visualizer; --json-output writes COCO-format results. Examples:
         --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output vis/
 
 Exit code: 0 when every image was processed, 1 when some image failed (each is reported by
-name; the others still finish), 2 for bad options or files given on the command line.
+name; the others still finish and the JSON is still written), 2 for bad options or files given on
+the command line, output paths that cannot be written included (checked before any image is read).
 """
 import argparse
 import glob
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from regionspot.config import get_regionspot_cfg
 from regionspot.evaluation import instances_to_json
-from regionspot.file_io import atomic_write
+from regionspot.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
 from regionspot.images import read_image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
@@ -248,8 +249,25 @@ def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
     return list(range(1, num_classes + 1))
 
 
+def picture_is_a_file(output: str, single: bool) -> bool:
+    """--output is the picture's own file name (one input image, an image extension), not a folder."""
+    return single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
+
+
+def check_outputs(args: argparse.Namespace, single: bool) -> None:
+    """Refuse unwritable --output / --json-output before any image is processed (exit 2)."""
+    try:
+        if args.json_output:
+            args.json_output = check_output_file(args.json_output, "--json-output")
+        if args.output:
+            check = check_output_file if picture_is_a_file(args.output, single) else check_output_dir
+            args.output = check(args.output, "--output")
+    except OutputPathError as e:
+        raise UsageError(str(e)) from e
+
+
 def output_path(output: str, image: str, single: bool, used: set) -> str:
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output):
+    if picture_is_a_file(output, single):
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         return output
     os.makedirs(output, exist_ok=True)
@@ -281,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error(f"--input {item} matches no image file.")
     if not images:
         raise UsageError(f"No images found in --input {args.input}.")
+    check_outputs(args, single=len(images) == 1)
     table = None
     if args.boxes:
         table = read_box_file(args.boxes, args.box_mode)
@@ -313,12 +332,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error(f"Skipping {path}: unreadable image ({e}).")
             continue
         image_id = image_id_of(path, ids)
-        predictor.set_image(rgb, format="RGB")
         scores = None
-        if args.sam_auto:
-            boxes = predictor.sam_auto_boxes()
-            no_auto_boxes += len(boxes) == 0
-        else:
+        if not args.sam_auto:
             entry = lookup_prompts(table, path, image_id)
             if entry is None:
                 source = args.boxes or args.proposals
@@ -334,9 +349,13 @@ def run(args: argparse.Namespace) -> int:
                 boxes, scores = boxes[top], scores[top]
             if not use_scores:
                 scores = None
-        try:
+        try:  # everything about one image fails for that image alone
+            predictor.set_image(rgb, format="RGB")
+            if args.sam_auto:
+                boxes = predictor.sam_auto_boxes()
+                no_auto_boxes += len(boxes) == 0
             res = predictor.predict(boxes=boxes, prompt_scores=scores, vocabulary=vocabulary, top_k=top_k)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             failures.append((path, str(e)))
             logger.error(f"Skipping {path}: {e}")
             continue
@@ -354,11 +373,19 @@ def run(args: argparse.Namespace) -> int:
             instances = instances[instances.scores >= args.confidence_threshold]
             vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
             drawn = vis.draw_instance_predictions(instances)
-            drawn.save(output_path(args.output, path, len(images) == 1, used_names))
+            picture = output_path(args.output, path, len(images) == 1, used_names)
+            try:
+                drawn.save(picture)
+            except OSError as e:
+                failures.append((path, f"cannot write {picture} ({e})"))
+                logger.error(f"Cannot write the picture of {path} to {picture}: {e}")
 
     if args.json_output:
-        with atomic_write(args.json_output, "w") as f:
-            json.dump(results, f)
+        try:
+            atomic_write_bytes(json.dumps(results).encode(), args.json_output)
+        except OSError as e:
+            failures.append((args.json_output, str(e)))
+            logger.error(str(e))
     done = len(images) - sum(1 for f, _ in failures if f in images)
     summary = f"RegionSpot demo: {done} of {len(images)} images done"
     if args.json_output:

@@ -21,6 +21,7 @@ import torch
 
 from regionspot.clip_encoder import build_clip_encoder
 from regionspot.config import get_regionspot_cfg
+from regionspot.file_io import check_output_file
 from regionspot.region_pipeline import frozen_precision
 from regionspot.text_embeddings import get_templates, save_embedding_file
 from regionspot.vocabulary import Vocabulary, vocabulary_from_options
@@ -50,6 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
+    args.output = check_output_file(args.output, "--output")  # before any encoding (exit 2)
     cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     c = cfg.MODEL.REGIONSPOT
     vocab, _ = vocabulary_from_options(args.vocabulary, args.custom_vocabulary, args.synonyms, c.CUSTOM_VOCABULARY)
@@ -78,6 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"dump_text_embeddings.py: error: {str(e).strip(chr(34))}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up while writing; the embeddings stay in the cache
+        print(f"dump_text_embeddings.py: error: {e}", file=sys.stderr)
+        return 1
     print(f"Wrote {path}", file=sys.stderr)
     return 0
 

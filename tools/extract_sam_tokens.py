@@ -7,6 +7,7 @@
 Writes one file per image under OUTPUT/<dataset>/<sam type>/. Restarting a killed run redoes
 nothing already written; truncated or corrupt files are redone.
 """
+import os
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)
@@ -15,7 +16,9 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from regionspot.config import get_regionspot_cfg
+from regionspot.file_io import OutputPathError, check_output_dir
 from regionspot.sam_encoder import build_sam_encoder
+from regionspot.text_embeddings import default_cache_dir
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
 
@@ -32,9 +35,15 @@ def parse_args(argv=None):
 def main(args):
     setup_logger(name="regionspot", distributed_rank=comm.get_rank())
     cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)  # a path or a model-zoo name
+    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
+    try:  # before SAM is built or any image is encoded
+        check_output_dir(output or os.path.join(default_cache_dir(), "sam_tokens"),
+                         "--output" if args.output is not None else "MODEL.REGIONSPOT.TOKEN_CACHE_DIR")
+    except OutputPathError as e:
+        print(f"extract_sam_tokens.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)
-    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:
         raise ValueError("No dataset to extract: give --dataset or set DATASETS.TRAIN.")

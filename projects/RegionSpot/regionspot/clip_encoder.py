@@ -17,7 +17,7 @@ from clip.model import build_model as build_clip_from_state_dict
 from torch import nn
 
 from .config import check_regionspot_config
-from .weights import resolve_weights
+from .weights import download, resolve_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,10 +68,9 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
             raise ValueError(f"No architecture is known for a random {name!r} CLIP.")
         return _build_random_clip(name, seed).float().eval()
     if checkpoint == "":
-        root = os.path.expanduser(download_root) if download_root else None
-        model, _ = clip.load(name, device="cpu", jit=False, download_root=root)
+        model, _ = clip.load(download_clip(name, download_root), device="cpu", jit=False)
         return model.float().eval()
-    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint (MODEL.REGIONSPOT.CLIP.CHECKPOINT)")
+    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint", "MODEL.REGIONSPOT.CLIP.CHECKPOINT")
     # A corrupt file can make the loaders raise almost anything (IndexError: pop from empty list,
     # UnicodeDecodeError, KeyError, ...), and so can a state dict of another model: all are
     # reported with the file and the key, the original chained as the cause.
@@ -94,6 +93,18 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
             f"OpenAI-format CLIP file ({type(e).__name__}: {e})."
         ) from e
     return model.eval()
+
+
+def download_clip(name: str, download_root: str = "") -> str:
+    """The local file of OpenAI's CLIP `name`, downloaded once as `clip.load` would (same URL, same
+    file in `download_root`, default ~/.cache/clip, same SHA256 check), but with a timeout and an
+    error that says how to do without the download."""
+    url = clip.clip._MODELS[name]  # the clip package's own table of released files
+    root = os.path.expanduser(download_root or "~/.cache/clip")
+    target = os.path.join(root, os.path.basename(url))
+    return download(url, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", f"CLIP {name} weights", target=target,
+                    sha256=url.split("/")[-2],
+                    hint=f" (OpenAI's {name} file, the model MODEL.REGIONSPOT.CLIP.NAME names), or put it at {target}")
 
 
 def build_clip_encoder(cfg) -> "ClipImageTextEncoder":

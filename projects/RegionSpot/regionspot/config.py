@@ -19,7 +19,8 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM = CN()
     # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small random SAM for tests and the quickstart).
     _C.SAM.TYPE = "vit_b"
-    # Local path or http(s) URL (downloaded once, cached by iopath). "" = the official
+    # Local path or http(s) URL (downloaded once, cached by iopath; every download gives up after
+    # $REGIONSPOT_DOWNLOAD_TIMEOUT seconds without data, default 60). "" = the official
     # checkpoint of SAM.TYPE, "random" = random init (benchmarks, tests).
     _C.SAM.CHECKPOINT = ""
     # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
@@ -34,9 +35,10 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CLIP = CN()
     # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".
     _C.CLIP.NAME = "ViT-B/16"
-    # Local path or http(s) URL of an OpenAI-format CLIP file. "" = download CLIP.NAME through
-    # the clip package (cached in CLIP.DOWNLOAD_ROOT), "random" = random init.
+    # Local path or http(s) URL of an OpenAI-format CLIP file. "" = download CLIP.NAME from the
+    # clip package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked), "random" = random init.
     _C.CLIP.CHECKPOINT = ""
+    # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's).
     _C.CLIP.DOWNLOAD_ROOT = ""
     # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
     _C.CLIP.INPUT_SIZE = 224

@@ -86,7 +86,7 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint (MODEL.REGIONSPOT.SAM.CHECKPOINT)")
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint", "MODEL.REGIONSPOT.SAM.CHECKPOINT")
         state = state.get("model", state)
         try:
             if not isinstance(state, dict):
@@ -106,6 +106,17 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     return sam
 
 
+class ResizeAtLeastOnePixel(ResizeLongestSide):
+    """SAM's ResizeLongestSide, but no side shrinks below one pixel. SAM rounds each side, so an
+    extreme aspect ratio (e.g. a 4 x 4000 sliver at 256, or 1 x 4000 at 1024) gave a 0-pixel side
+    and failed in the resize. Boxes and points are scaled by the same sizes as the image."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
 class _PrecomputedSamPredictor(SamPredictor):
     """SamPredictor whose `set_image` reuses an embedding we already computed for the whole image,
     so SAM's automatic mask generator does not run the image encoder a second time. Crops of the
@@ -114,6 +125,7 @@ class _PrecomputedSamPredictor(SamPredictor):
     def __init__(self, sam: Sam, embedding: torch.Tensor, input_size: Tuple[int, int],
                  original_size: Tuple[int, int]):
         super().__init__(sam)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)  # as our embedding was made
         self._embedding, self._input_size, self._original_size = embedding, input_size, original_size
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -152,7 +164,7 @@ class SamRegionEncoder(nn.Module):
         if int(decode_chunk) < 0:
             raise ValueError(f"MODEL.REGIONSPOT.SAM.DECODE_CHUNK must be >= 0 (0 = by device), got {decode_chunk}.")
         self.decode_chunk = int(decode_chunk)
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)
         self._captured: List[torch.Tensor] = []
         self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
         sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
@@ -181,7 +193,7 @@ class SamRegionEncoder(nn.Module):
     def preprocess(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """(3, H, W) RGB image, any dtype in [0, 255] -> (normalised padded input, resized size)."""
         h, w = image.shape[-2:]
-        newh, neww = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
+        newh, neww = self.transform.get_preprocess_shape(h, w, self.image_size)
         x = F.interpolate(
             image[None].float(), (newh, neww), mode="bilinear", align_corners=False, antialias=True
         )

@@ -14,7 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
 from PIL import Image, ImageDraw
 
-from .file_io import atomic_write
+from .file_io import atomic_write_bytes
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 220),
            "yellow": (230, 210, 30), "magenta": (200, 40, 200), "cyan": (30, 200, 210)}
@@ -107,8 +107,7 @@ def make_synthetic_lvis(
                    "frequency": _FREQUENCIES[k % 3]} for k, n in enumerate(classes)]
     data = {"info": {"params": params}, "images": images, "annotations": annotations,
             "categories": categories, "licenses": []}
-    with atomic_write(json_path, "w") as f:
-        json.dump(data, f)
+    atomic_write_bytes(json.dumps(data).encode("utf-8"), json_path)
     return json_path
 
 
