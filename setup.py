@@ -7,6 +7,9 @@ setup(
     description="RegionSpot: recognize any region with frozen SAM + CLIP, as a detectron2 extension",
     package_dir={"": "projects/RegionSpot"},
     packages=find_packages("projects/RegionSpot"),
+    # The quickstart's tiny pretrained encoders (tools/pretrain_tiny_encoders.py), found through
+    # regionspot://pretrained/... from any working directory.
+    package_data={"regionspot": ["pretrained/*.pth.gz"]},
     python_requires=">=3.9",
     # detectron2 is deliberately not listed: it has no usable PyPI release
     # (see README, "Installing detectron2"); tools/setup_env.sh installs it.

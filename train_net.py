@@ -1,15 +1,22 @@
 #!/usr/bin/env python
 """Train or evaluate RegionSpot with detectron2's engine.
 
-    python train_net.py --config-file configs/regionspot_sam-b_clip-b16_gt-boxes_lvis.yaml \
+    python train_net.py --config-file configs/lvis_eval/RegionSpot-BL_lvis-val_gt-boxes.yaml \
         --eval-only MODEL.WEIGHTS path/to/regionspot.pth
+
+The console shows warnings, a training progress bar and the evaluation results; detectron2's full
+log (config, model, metrics, tables) goes to OUTPUT_DIR/log.txt. --verbose prints it all.
 """
+import os
+
 import regionspot  # noqa: F401  (registers the meta-architecture and datasets)
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 from regionspot import add_regionspot_config
 from regionspot.checkpoint import RegionSpotCheckpointer
+from regionspot.console import ProgressBar, setup_run_logging
 from regionspot.trainer import RegionSpotTrainer as Trainer
 
 
@@ -19,6 +26,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    setup_run_logging(cfg.OUTPUT_DIR, getattr(args, "verbose", False))
     default_setup(cfg, args)
     return cfg
 
@@ -32,14 +40,42 @@ def main(args):
         RegionSpotCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
+        print_results(res, cfg.OUTPUT_DIR)
         return res
     trainer = Trainer(cfg)
+    if not args.verbose:
+        trainer.register_hooks([ProgressBar()])
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    res = trainer.train()
+    last = getattr(trainer, "_last_eval_results", None)  # DefaultTrainer keeps its EvalHook's last results
+    if last:
+        print_results(last, cfg.OUTPUT_DIR)
+    if comm.is_main_process():
+        print(f"Trained weights: {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}; full log: "
+              f"{os.path.join(cfg.OUTPUT_DIR, 'log.txt')}", flush=True)
+    return res
+
+
+def print_results(res, output_dir: str) -> None:
+    """The headline figures of each evaluated dataset and task, on the console."""
+    if not comm.is_main_process():
+        return
+    flat = res if not res or "AP" in next(iter(res.values()), {}) else {}
+    per_dataset = {"": flat} if flat else res
+    for dataset, tasks in per_dataset.items():
+        for task, metrics in tasks.items():
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k in ("AP", "AP50", "APr", "APc", "APf"))
+            print(f"{dataset + ' ' if dataset else ''}{task}: {shown}", flush=True)
+    print(f"Full evaluation tables and log: {os.path.join(output_dir, 'log.txt')}", flush=True)
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument("--verbose", action="store_true", help="print detectron2's full log on the console too")
+    return parser
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
+    args = argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

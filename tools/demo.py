@@ -92,6 +92,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="keep detections scoring at least this (class probability x prompt score)")
     p.add_argument("--classes-per-region", type=int, default=1,
                    help="(box, class) pairs per region in the JSON output (LVIS evaluation uses several)")
+    p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
     return p
@@ -405,8 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from detectron2.utils.logger import setup_logger
+    from regionspot.console import setup_run_logging
 
-    setup_logger(name="fvcore")
-    setup_logger(name="regionspot", abbrev_name="regionspot")
+    setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

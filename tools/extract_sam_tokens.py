@@ -14,8 +14,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from regionspot import add_regionspot_config
+from regionspot.console import setup_run_logging
 from regionspot.meta_arch import AUTOCAST_DTYPES
 from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
@@ -28,11 +28,12 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="cache root; default MODEL.REGIONSPOT.TOKEN_CACHE_DIR")
     parser.add_argument("--shard", type=int, default=0, help="index of this job among --num-shards")
     parser.add_argument("--num-shards", type=int, default=1, help="independent jobs splitting the images")
+    parser.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     return parser.parse_args(argv)
 
 
 def main(args):
-    setup_logger(name="regionspot", distributed_rank=comm.get_rank())
+    setup_run_logging(verbose=getattr(args, "verbose", False))
     cfg = get_cfg()
     add_regionspot_config(cfg)
     cfg.merge_from_file(args.config_file)

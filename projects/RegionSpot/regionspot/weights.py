@@ -1,8 +1,11 @@
-"""Finding and reading weight files: local paths or http(s) URLs, with errors that name the file."""
+"""Finding and reading weight files: local paths, http(s) URLs or files shipped with the package,
+with errors that name the file."""
+import gzip
+import io
 import os
 import pickle
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
 import torch
 from iopath.common.file_io import PathManager as _PathManagerCls
@@ -12,6 +15,12 @@ from iopath.common.file_io import HTTPURLHandler
 # ($FVCORE_CACHE or ~/.torch/iopath_cache) and reused afterwards.
 _path_manager = _PathManagerCls()
 _path_manager.register_handler(HTTPURLHandler())
+
+
+# "regionspot://pretrained/x.pth.gz" names a file shipped inside the installed package (the
+# quickstart's tiny encoders), so configs find it from any working directory.
+PACKAGE_PREFIX = "regionspot://"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def is_url(path: str) -> bool:
@@ -25,6 +34,8 @@ def resolve_weights(path: str, what: str) -> str:
         path: local path or URL.
         what: what the file is for (e.g. "SAM checkpoint"), used in error messages.
     """
+    if path.startswith(PACKAGE_PREFIX):
+        path = os.path.join(PACKAGE_DIR, *path[len(PACKAGE_PREFIX):].split("/"))
     path = os.path.expanduser(path)
     if is_url(path):
         try:
@@ -36,11 +47,24 @@ def resolve_weights(path: str, what: str) -> str:
     return path
 
 
+def open_weights(local: str) -> Union[str, io.BytesIO]:
+    """What torch.load / torch.jit.load should read for a local file: the file itself, or, for a
+    gzip-compressed one (recognised by its magic bytes), its decompressed bytes in memory."""
+    with open(local, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return local
+    try:
+        with gzip.open(local, "rb") as f:
+            return io.BytesIO(f.read())
+    except (OSError, EOFError) as e:
+        raise RuntimeError(f"The gzip-compressed weights file {local} is corrupt or truncated ({e}).") from e
+
+
 def load_weights_file(path: str, what: str) -> Dict[str, Any]:
     """torch.load a weights file, turning truncation and corruption into an error that names it."""
     local = resolve_weights(path, what)
     try:
-        obj = torch.load(local, map_location="cpu", weights_only=False)
+        obj = torch.load(open_weights(local), map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise RuntimeError(
             f"The {what} file {local} is corrupt or truncated and cannot be read ({e}). "
