@@ -43,7 +43,7 @@ def main(args):
         print_results(res, cfg.OUTPUT_DIR)
         return res
     trainer = Trainer(cfg)
-    if not args.verbose:
+    if not getattr(args, "verbose", False):
         trainer.register_hooks([ProgressBar()])
     trainer.resume_or_load(resume=args.resume)
     res = trainer.train()

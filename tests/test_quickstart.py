@@ -16,12 +16,15 @@ from PIL import Image
 
 from conftest import ROOT, tiny_cfg
 
-# Measured figures (48 validation images, 150 ground-truth boxes) are in the comment of each
-# threshold; the test runs fewer iterations than the quickstart's 400 to save time.
+# Measured on synthetic_shapes_val (48 images, 122 ground-truth boxes), SEED 0, 1 thread:
+#   150 iterations (this test): top-1 100.0%, bbox AP 24.4 -> 100.0, segm AP 65.1, 23 console lines;
+#   400 iterations (the quickstart's default): top-1 100.0%, bbox AP 24.4 -> 100.0, segm AP 64.6.
+# The random-encoder baseline (RegionSpot-tiny-random_synthetic.yaml) reached bbox AP ~55-59
+# with segm AP 0 and about half the labels right. The thresholds leave a margin under the above.
 ITERATIONS = 150
-MIN_TOP1 = 0.80
-MIN_SEGM_AP = 20.0
-MIN_GAP = 15.0
+MIN_TOP1 = 0.90
+MIN_SEGM_AP = 50.0
+MIN_GAP = 50.0
 MAX_CONSOLE_LINES = 40
 
 
@@ -46,9 +49,9 @@ def test_quickstart_recognizes_and_stays_quiet(tmp_path_factory, tmp_path):
          "OUTPUT_DIR", out, "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", tokens, "SEED", "0",
          "SOLVER.MAX_ITER", str(ITERATIONS), "SOLVER.STEPS", f"({int(ITERATIONS * 0.8)},)",
          "SOLVER.CHECKPOINT_PERIOD", str(ITERATIONS)],
-        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1200,
     )
-    console = proc.stdout
+    console = proc.stdout.decode()  # not text=True: that turns tqdm's in-line \r redraws into lines
     print(console)
     assert proc.returncode == 0, console[-3000:]
     with open(os.path.join(out, "quickstart_summary.json")) as f:
