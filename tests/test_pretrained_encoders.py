@@ -45,8 +45,9 @@ def test_shipped_sam_segments_and_clip_names_shapes():
     cfg = _quickstart_cfg()
     sam = build_sam_encoder(cfg).sam
     iou, _ = tool.check_sam(sam, seed=123, num=24)
-    # Measured: mask IoU 0.91 on fresh scenes (after 30 of its 1000 pretraining steps: 0.02).
-    assert iou >= 0.8
+    # Measured: mask IoU 0.84 on these 24 scenes, 0.83 on the script's 64 (after 30 steps of
+    # pretraining: 0.02).
+    assert iou >= 0.75
     enc = build_clip_encoder(cfg)
     acc18, acc6 = tool.check_clip(enc.clip_model, enc, seed=123, num=128)
     # Measured zero-shot top-1 on fresh scenes: 36.7% of the 18 colour x shape pairs (chance 5.6%),

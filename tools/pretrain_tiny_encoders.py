@@ -9,7 +9,7 @@ trained the way its real counterpart was, on fresh scenes (never the quickstart'
   in the box (BCE + dice on the low-resolution mask logits, as SAM is trained), plus its IoU head.
   Real SAM's region tokens carry what and where the region is (RegionSpot's premise), learned
   from a billion masks; a model this small does not get there from masks alone (a linear probe
-  reads the class from 44% of its tokens). So a linear read-out of the region token must also
+  reads the class from about 42% of its tokens). So a linear read-out of the region token must also
   give the region's box and mean colour (an auxiliary loss; the read-out is thrown away);
 - tiny CLIP (clip.model.CLIP with small widths): image-text contrast on single-shape scenes with
   captions such as "a photo of a red circle." over all 18 colour x shape pairs, written in the
