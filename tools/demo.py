@@ -95,6 +95,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--detections-per-image", type=int, default=0, metavar="N",
                    help="instead, the image's N best (box, class) pairs over all regions, as --eval-only "
                         "keeps them (TEST.DETECTIONS_PER_IMAGE)")
+    p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
     return p
@@ -405,8 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from detectron2.utils.logger import setup_logger
+    from regionspot.console import setup_run_logging
 
-    setup_logger(name="fvcore")
-    setup_logger(name="regionspot", abbrev_name="regionspot")
+    setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

@@ -45,6 +45,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="FILE", help="the embedding file to write (.pth)")
     p.add_argument("--chunk-size", type=int, default=0,
                    help="prompts per text-encoder call (default: MODEL.REGIONSPOT.TEXT.CHUNK_SIZE)")
+    p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return p
 
@@ -88,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from detectron2.utils.logger import setup_logger
+    from regionspot.console import setup_run_logging
 
-    setup_logger(name="regionspot", abbrev_name="regionspot")
+    setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

@@ -17,11 +17,13 @@ def add_regionspot_config(cfg: CN) -> None:
     _C = cfg.MODEL.REGIONSPOT = CN()
 
     _C.SAM = CN()
-    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small random SAM for tests and the quickstart).
+    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small SAM for tests and the quickstart:
+    # random, or the quickstart's pretrained one with CHECKPOINT regionspot://pretrained/...).
     _C.SAM.TYPE = "vit_b"
-    # Local path or http(s) URL (downloaded once, cached by iopath; every download gives up after
-    # $REGIONSPOT_DOWNLOAD_TIMEOUT seconds without data, default 60). "" = the official
-    # checkpoint of SAM.TYPE, "random" = random init (benchmarks, tests).
+    # Local path, http(s) URL (downloaded once, cached by iopath; every download gives up after
+    # $REGIONSPOT_DOWNLOAD_TIMEOUT seconds without data, default 60) or regionspot://<file>
+    # (shipped in the package). "" = the official checkpoint of SAM.TYPE ("tiny": random),
+    # "random" = random init (benchmarks, tests).
     _C.SAM.CHECKPOINT = ""
     # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
     # 0 = by device: 4 on a CPU (each box's decoder works on 4096x256 image tokens, so small
@@ -35,8 +37,10 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CLIP = CN()
     # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".
     _C.CLIP.NAME = "ViT-B/16"
-    # Local path or http(s) URL of an OpenAI-format CLIP file. "" = download CLIP.NAME from the
-    # clip package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked), "random" = random init.
+    # Local path, http(s) URL or regionspot://<file> of an OpenAI-format CLIP file (TorchScript
+    # or plain state dict, optionally gzip-compressed). "" = download CLIP.NAME from the clip
+    # package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked; "tiny": random), "random" =
+    # random init.
     _C.CLIP.CHECKPOINT = ""
     # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's).
     _C.CLIP.DOWNLOAD_ROOT = ""

@@ -21,6 +21,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 220),
 SHAPES = ("circle", "square", "triangle")
 DEFAULT_CLASSES = ("red_circle", "green_square", "blue_triangle",
                    "yellow_circle", "magenta_square", "cyan_triangle")
+# Every colour with every shape: what the quickstart's tiny encoders are pretrained on
+# (tools/pretrain_tiny_encoders.py), so colour and shape are learned apart from the six classes.
+ALL_CLASSES = tuple(f"{c}_{s}" for c in COLOURS for s in SHAPES)
 _FREQUENCIES = ("f", "c", "r")  # spread over classes so APr, APc and APf are all defined
 
 
@@ -34,7 +37,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[f
     return pts
 
 
-def _render(rng: np.random.RandomState, size: Tuple[int, int], classes: Sequence[str], max_objects: int):
+def render_scene(rng: np.random.RandomState, size: Tuple[int, int], classes: Sequence[str], max_objects: int):
+    """One image (PIL, `size` = (H, W)) of 1..max_objects non-overlapping shapes on noise.
+
+    `classes` are "<colour>_<shape>" names; returns (image, [(class index, polygon xy list)]).
+    """
     h, w = size
     base = rng.randint(90, 170)
     img = np.clip(base + rng.randn(h, w, 3) * 12, 0, 255).astype(np.uint8)
@@ -81,7 +88,7 @@ def make_synthetic_lvis(
     rng = np.random.RandomState(seed)
     images, annotations = [], []
     for i in range(num_images):
-        canvas, objects = _render(rng, image_size, classes, max_objects)
+        canvas, objects = render_scene(rng, image_size, classes, max_objects)
         fname = f"{split}_{i:05d}.png"
         # Atomic, because every process of a distributed run may generate the same files at once.
         tmp = os.path.join(root, split, f".{fname}.{os.getpid()}.tmp")

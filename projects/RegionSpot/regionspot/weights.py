@@ -1,16 +1,19 @@
-"""Finding and reading weight files: local paths or http(s) URLs, with errors that name the file.
+"""Finding and reading weight files: local paths, http(s) URLs or files shipped with the package
+(regionspot://...), with errors that name the file.
 
 Downloads go into iopath's cache ($FVCORE_CACHE or ~/.torch/iopath_cache, the layout detectron2's
 PathManager uses, so files it fetched before are reused) and are fetched once. Every download has a
 timeout: REGIONSPOT_DOWNLOAD_TIMEOUT seconds (default 60) without an answer or any data.
 """
+import gzip
 import hashlib
 import http.client
+import io
 import logging
 import os
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 from urllib.parse import urlparse
 
 import torch
@@ -32,6 +35,12 @@ class DownloadError(RuntimeError):
 class _NetworkError(Exception):
     """A failure while reading from the server, kept apart from failures writing the cache file
     (raised `from None`, so the atomic writer does not take it for a write error): args[0] is it."""
+
+
+# "regionspot://pretrained/x.pth.gz" names a file shipped inside the installed package (the
+# quickstart's tiny encoders), so configs find it from any working directory.
+PACKAGE_PREFIX = "regionspot://"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def is_url(path: str) -> bool:
@@ -152,6 +161,8 @@ def resolve_weights(path: str, what: str, key: str = "") -> str:
         what: what the file is for (e.g. "SAM checkpoint"), used in error messages.
         key: the config key that gave `path`, named in download errors.
     """
+    if path.startswith(PACKAGE_PREFIX):
+        path = os.path.join(PACKAGE_DIR, *path[len(PACKAGE_PREFIX):].split("/"))
     path = os.path.expanduser(path)
     if is_url(path):
         return download(path, key or "the file's config key", what)
@@ -161,9 +172,22 @@ def resolve_weights(path: str, what: str, key: str = "") -> str:
     return path
 
 
+def open_weights(local: str) -> Union[str, io.BytesIO]:
+    """What torch.load / torch.jit.load should read for a local file: the file itself, or, for a
+    gzip-compressed one (recognised by its magic bytes), its decompressed bytes in memory."""
+    with open(local, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return local
+    try:
+        with gzip.open(local, "rb") as f:
+            return io.BytesIO(f.read())
+    except (OSError, EOFError) as e:
+        raise RuntimeError(f"The gzip-compressed weights file {local} is corrupt or truncated ({e}).") from e
+
+
 def load_weights_file(path: str, what: str, key: str = "") -> Dict[str, Any]:
-    """torch.load a weights file, turning truncation and corruption into an error that names it
-    (and its config `key`).
+    """torch.load a weights file (gzip-compressed or not), turning truncation and corruption into
+    an error that names it (and its config `key`).
 
     A corrupt file (random bytes, truncated, empty, another pickle) can raise almost any
     exception from the unpickler, so every one is caught and re-raised with the file's name
@@ -171,7 +195,7 @@ def load_weights_file(path: str, what: str, key: str = "") -> Dict[str, Any]:
     """
     local = resolve_weights(path, what, key)
     try:
-        obj = torch.load(local, map_location="cpu", weights_only=False)
+        obj = torch.load(open_weights(local), map_location="cpu", weights_only=False)
     except Exception as e:
         raise RuntimeError(
             f"The {what} file {local}{f' ({key})' if key else ''} is corrupt, truncated or not a PyTorch file "
