@@ -25,6 +25,7 @@ that every matmul is seen), measures the device's own square-matmul rate in the 
 and reports the time those FLOPs would take at that rate against the measured time (with
 --pipeline: against the pipeline's per-stage and per-image times).
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import json
 import os

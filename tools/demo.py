@@ -15,6 +15,7 @@ Exit code: 0 when every image was processed, 1 when some image failed (each is r
 name; the others still finish and the JSON is still written), 2 for bad options or files given on
 the command line, output paths that cannot be written included (checked before any image is read).
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import glob
 import json

@@ -12,6 +12,7 @@ Only CLIP is built: SAM is not needed for this. Examples:
     python tools/dump_text_embeddings.py --config-file configs/RegionSpot-BB.yaml \\
         --vocabulary custom --custom-vocabulary my_classes.txt --output vocab/mine.pth
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import logging
 import sys

@@ -7,6 +7,7 @@
 Writes one file per image under OUTPUT/<dataset>/<sam type>/. Restarting a killed run redoes
 nothing already written; truncated or corrupt files are redone.
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import os
 import sys
 

@@ -9,6 +9,7 @@ Each `<released-root>/<folder>/<image_id>.pth` is matched to its image's annotat
 class; files that do not match are listed by name (exit code 1) and never imported. A re-run skips
 what is already imported. Cached training (MODEL.REGIONSPOT.TOKEN_MODE cached) then reads them.
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import sys
 
