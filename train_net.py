@@ -20,9 +20,9 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
-from regionspot.console import ProgressBar, setup_run_logging
+from regionspot.utils.console import ProgressBar, setup_run_logging
 from regionspot.model_zoo import resolve_config_file
-from regionspot.trainer import RegionSpotTrainer as Trainer
+from regionspot.engine.trainer import RegionSpotTrainer as Trainer
 
 
 def setup(args):

@@ -13,6 +13,7 @@ from detectron2.structures import BoxMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # train_net.py is importable from tests (load tools/ scripts by path)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from conftest import` in tests/<layer>/
 
 warnings.filterwarnings("ignore", category=UserWarning, module="clip")
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
@@ -21,8 +22,8 @@ from detectron2.config import get_cfg  # noqa: E402
 
 import regionspot  # noqa: E402,F401
 from regionspot import add_regionspot_config  # noqa: E402
-from regionspot.dataset_mapper import RegionSpotDatasetMapper  # noqa: E402
-from regionspot.synthetic import make_synthetic_lvis, register_synthetic_lvis  # noqa: E402
+from regionspot.data.dataset_mapper import RegionSpotDatasetMapper  # noqa: E402
+from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
 # Unit tests use the quickstart model with *random* tiny encoders (fast, and independent of the

@@ -16,23 +16,23 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from regionspot.checkpoint import HeadMismatchError, RegionSpotCheckpointer
-from regionspot.clip_encoder import build_clip
+from regionspot.modeling.clip_encoder import build_clip
 from regionspot.config import check_regionspot_config
-from regionspot.dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
-from regionspot.head import RegionSpotHead
-from regionspot.images import read_image, to_uint8_image
+from regionspot.data.dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
+from regionspot.modeling.head import RegionSpotHead
+from regionspot.data.images import read_image, to_uint8_image
 from regionspot.predictor import RegionSpotPredictor
-from regionspot.proposals import attach_proposals
-from regionspot.sam_encoder import build_sam
-from regionspot.synthetic import make_synthetic_lvis, register_synthetic_lvis
-from regionspot.text_embeddings import (
+from regionspot.data.proposals import attach_proposals
+from regionspot.modeling.sam_encoder import build_sam
+from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
+from regionspot.modeling.text_embeddings import (
     cached_class_embeddings,
     encode_class_names,
     load_embedding_file,
     save_embedding_file,
 )
-from regionspot.token_cache import CorruptTokenFile, is_valid, load_tokens, save_tokens
-from regionspot.trainer import RegionSpotTrainer
+from regionspot.data.token_cache import CorruptTokenFile, is_valid, load_tokens, save_tokens
+from regionspot.engine.trainer import RegionSpotTrainer
 
 from conftest import tiny_cfg
 
@@ -481,7 +481,7 @@ def test_bad_config_values_fail_at_build_naming_key_and_value(key, value):
 
 def test_bad_config_values_fail_before_anything_is_built(monkeypatch):
     # The check runs first: no SAM (which may mean a download) is built for a bad TEXT.CHUNK_SIZE.
-    import regionspot.region_pipeline as region_pipeline
+    import regionspot.modeling.region_pipeline as region_pipeline
 
     monkeypatch.setattr(region_pipeline, "build_sam_encoder", lambda cfg: pytest.fail("SAM was built"))
     with pytest.raises(ValueError, match=r"MODEL.REGIONSPOT.TEXT.CHUNK_SIZE must be an integer >= 1, got 0"):

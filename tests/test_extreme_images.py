@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from regionspot.predictor import RegionSpotPredictor
-from regionspot.synthetic import make_synthetic_lvis
+from regionspot.data.synthetic import make_synthetic_lvis
 
 from conftest import ROOT, TINY_CONFIG, tiny_cfg
 

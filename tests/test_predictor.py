@@ -358,7 +358,7 @@ def test_to_detections_is_evaluations_policy(synthetic_val):
     """`to_detections(K)` keeps the image's K best pairs, as --eval-only does; `to_instances`
     keeps each region's best class."""
     from detectron2.data import DatasetCatalog
-    from regionspot.dataset_mapper import RegionSpotDatasetMapper
+    from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 
     cfg = tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "5")
     pred = RegionSpotPredictor(cfg)

@@ -1,7 +1,7 @@
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from regionspot.dataset_mapper import RegionSpotDatasetMapper
+from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 
 from conftest import tiny_cfg
 

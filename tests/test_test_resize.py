@@ -14,9 +14,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.dataset_mapper import RegionSpotDatasetMapper
+from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.predictor import RegionSpotPredictor
-from regionspot.synthetic import DEFAULT_CLASSES
+from regionspot.data.synthetic import DEFAULT_CLASSES
 
 from conftest import ROOT, TINY_CONFIG, tiny_cfg
 

@@ -47,7 +47,7 @@ from detectron2.structures import Boxes, Instances
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from regionspot.config import get_regionspot_cfg
-from regionspot.region_pipeline import AUTOCAST_DTYPES
+from regionspot.modeling.region_pipeline import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "Base-RegionSpot.yaml")
@@ -273,8 +273,8 @@ def make_pipeline_dataset(args, root: str, classes) -> str:
 def pipeline(args) -> dict:
     """Images/s of the evaluation path: loader workers -> model -> LVISEvaluator.process."""
     from regionspot.evaluation import build_regionspot_evaluator
-    from regionspot.synthetic import register_synthetic_lvis
-    from regionspot.trainer import RegionSpotTrainer
+    from regionspot.data.synthetic import register_synthetic_lvis
+    from regionspot.engine.trainer import RegionSpotTrainer
 
     name = "regionspot_benchmark_pipeline"
     classes = [f"class{i}" for i in range(args.num_classes)]

@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from regionspot.config import get_regionspot_cfg
 from regionspot.evaluation import instances_to_json
-from regionspot.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
-from regionspot.images import read_image
+from regionspot.utils.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
+from regionspot.data.images import read_image
 from regionspot.predictor import RegionSpotPredictor
-from regionspot.proposals import read_json_proposals
-from regionspot.sam_encoder import SAM_AUTO_EMPTY_HINT
-from regionspot.text_embeddings import BUILTIN_VOCABULARIES
-from regionspot.vocabulary import VocabularyLike, vocabulary_from_options
+from regionspot.data.proposals import read_json_proposals
+from regionspot.modeling.sam_encoder import SAM_AUTO_EMPTY_HINT
+from regionspot.modeling.text_embeddings import BUILTIN_VOCABULARIES
+from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from regionspot.console import setup_run_logging
+    from regionspot.utils.console import setup_run_logging
 
     setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

@@ -20,12 +20,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from regionspot.clip_encoder import build_clip_encoder
+from regionspot.modeling.clip_encoder import build_clip_encoder
 from regionspot.config import get_regionspot_cfg
-from regionspot.file_io import check_output_file
-from regionspot.region_pipeline import frozen_precision
-from regionspot.text_embeddings import get_templates, save_embedding_file
-from regionspot.vocabulary import Vocabulary, vocabulary_from_options
+from regionspot.utils.file_io import check_output_file
+from regionspot.modeling.region_pipeline import frozen_precision
+from regionspot.modeling.text_embeddings import get_templates, save_embedding_file
+from regionspot.modeling.vocabulary import Vocabulary, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.dump_text_embeddings")
 
@@ -90,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from regionspot.console import setup_run_logging
+    from regionspot.utils.console import setup_run_logging
 
     setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

@@ -16,11 +16,11 @@ import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from regionspot.config import get_regionspot_cfg
-from regionspot.console import setup_run_logging
-from regionspot.file_io import OutputPathError, check_output_dir
-from regionspot.sam_encoder import build_sam_encoder
-from regionspot.text_embeddings import default_cache_dir
-from regionspot.token_extraction import extract_tokens, gather_summaries
+from regionspot.utils.console import setup_run_logging
+from regionspot.utils.file_io import OutputPathError, check_output_dir
+from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.modeling.text_embeddings import default_cache_dir
+from regionspot.data.token_extraction import extract_tokens, gather_summaries
 
 
 def parse_args(argv=None):

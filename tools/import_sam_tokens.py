@@ -16,7 +16,7 @@ import sys
 import regionspot  # noqa: F401  (registers datasets)
 from detectron2.utils.logger import setup_logger
 from regionspot.config import get_regionspot_cfg
-from regionspot.token_import import CLASS_ID_CONVENTIONS, import_released_tokens
+from regionspot.data.token_import import CLASS_ID_CONVENTIONS, import_released_tokens
 
 
 def parse_args(argv=None):

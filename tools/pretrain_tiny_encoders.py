@@ -38,12 +38,12 @@ from tqdm import tqdm
 from regionspot import warnings_filter  # noqa: F401  (only the known-harmless warnings filtered)
 import clip
 from clip.model import CLIP
-from regionspot.clip_encoder import ClipImageTextEncoder
-from regionspot.file_io import atomic_write_bytes
-from regionspot.sam_encoder import SamRegionEncoder, build_sam
-from regionspot.synthetic import ALL_CLASSES, COLOURS, DEFAULT_CLASSES, render_scene
-from regionspot.text_embeddings import TEMPLATE_SETS
-from regionspot.weights import PACKAGE_DIR
+from regionspot.modeling.clip_encoder import ClipImageTextEncoder
+from regionspot.utils.file_io import atomic_write_bytes
+from regionspot.modeling.sam_encoder import SamRegionEncoder, build_sam
+from regionspot.data.synthetic import ALL_CLASSES, COLOURS, DEFAULT_CLASSES, render_scene
+from regionspot.modeling.text_embeddings import TEMPLATE_SETS
+from regionspot.utils.weights import PACKAGE_DIR
 
 OUT_DIR = os.path.join(PACKAGE_DIR, "pretrained")
 SAM_FILE = "tiny_sam_synthetic.pth.gz"

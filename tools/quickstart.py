@@ -28,10 +28,10 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
-from regionspot.console import ProgressBar
-from regionspot.sam_encoder import build_sam_encoder
-from regionspot.token_extraction import extract_tokens
-from regionspot.trainer import RegionSpotTrainer
+from regionspot.utils.console import ProgressBar
+from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.data.token_extraction import extract_tokens
+from regionspot.engine.trainer import RegionSpotTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -4,15 +4,15 @@ Importing the package registers the meta-architecture, the ROI heads, the prompt
 RegionSpot's datasets.
 """
 from . import warnings_filter as _warnings_filter  # noqa: F401  (first: filters import-time warnings)
-from . import datasets as _datasets  # noqa: F401  (only registration)
-from . import roi_heads as _roi_heads  # noqa: F401  (only registration)
+from .data import datasets as _datasets  # noqa: F401  (only registration)
+from .modeling import roi_heads as _roi_heads  # noqa: F401  (only registration)
 from .config import add_regionspot_config
-from .meta_arch import RegionSpot
+from .modeling.meta_arch import RegionSpot
 from .predictor import RegionResults, RegionSpotPredictor
-from .prompt_sources import PROMPT_SOURCE_REGISTRY, PromptSource
-from .region_pipeline import RegionPipeline
-from .roi_heads import RegionSpotROIHeads
-from .vocabulary import Vocabulary
+from .modeling.prompt_sources import PROMPT_SOURCE_REGISTRY, PromptSource
+from .modeling.region_pipeline import RegionPipeline
+from .modeling.roi_heads import RegionSpotROIHeads
+from .modeling.vocabulary import Vocabulary
 
 __all__ = ["add_regionspot_config", "RegionSpot", "RegionSpotPredictor", "RegionResults", "RegionPipeline",
            "RegionSpotROIHeads", "PromptSource", "PROMPT_SOURCE_REGISTRY", "Vocabulary"]

@@ -5,8 +5,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .file_io import atomic_torch_save, atomic_write_bytes
-from .weights import download, is_url
+from .utils.file_io import atomic_torch_save, atomic_write_bytes
+from .utils.weights import download, is_url
 
 # Key prefixes of the original RegionSpot code -> ours. Its meta-architecture kept everything
 # under one `model` submodule; we keep the frozen encoders and the head apart.

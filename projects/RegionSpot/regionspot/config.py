@@ -6,7 +6,6 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .datasets import register_datasets_from_cfg
 from .model_zoo import resolve_config_file
 
 
@@ -30,7 +29,7 @@ def add_regionspot_config(cfg: CN) -> None:
     # chunks stay in cache: 64 boxes decode 2.2x faster in chunks of 4 than of 64), 64 elsewhere.
     _C.SAM.DECODE_CHUNK = 0
     # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
-    # SAM's relative positions as the additive mask (regionspot/sam_attention.py): same outputs,
+    # SAM's relative positions as the additive mask (regionspot/modeling/sam_attention.py): same outputs,
     # 1.27x faster SAM ViT-B encoder on the CPU.
     _C.SAM.FUSED_ATTENTION = True
 
@@ -169,6 +168,8 @@ def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = (), freeze: 
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ValueError(f"Bad config overrides {list(opts)}: {e}") from e
+    from .data.datasets import register_datasets_from_cfg  # here: the modeling layer imports this module
+
     register_datasets_from_cfg(cfg)
     if freeze:
         cfg.freeze()

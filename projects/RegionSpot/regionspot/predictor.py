@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
 from .config import get_regionspot_cfg
-from .datasets import register_datasets_from_cfg
-from .images import pil_to_numpy, read_image, to_uint8_image
-from .meta_arch import RegionSpot
-from .prompt_sources import SamAutoBoxes
-from .region_pipeline import sanitize_boxes, top_classes, top_pairs
+from .data.datasets import register_datasets_from_cfg
+from .data.images import pil_to_numpy, read_image, to_uint8_image
+from .modeling.meta_arch import RegionSpot
+from .modeling.prompt_sources import SamAutoBoxes
+from .modeling.region_pipeline import sanitize_boxes, top_classes, top_pairs
 from .structures import IndexedMasks
-from .vocabulary import VocabularyLike
+from .modeling.vocabulary import VocabularyLike
 
 logger = logging.getLogger(__name__)
 

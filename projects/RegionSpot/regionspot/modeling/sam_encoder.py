@@ -1,0 +1,338 @@
+"""Frozen SAM: image embeddings, and per box prompt a position-aware region token and a mask.
+
+The region token is the mask decoder's first output mask token (the one SAM uses with
+``multimask_output=False``). We read it with a forward hook on ``mask_decoder.transformer``,
+so the `segment_anything` package is used exactly as published.
+"""
+import logging
+from functools import partial
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import numpy as np
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from detectron2.utils.logger import log_first_n
+from torch import nn
+
+from ..config import check_regionspot_config
+from .sam_attention import use_fused_attention
+from ..utils.weights import load_weights_file
+
+SAM_CHECKPOINT_URLS = {
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+
+
+def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
+    """A small SAM built from the package's own classes, for tests and the offline quickstart."""
+    patch = 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size, patch_size=patch, embed_dim=32, depth=1, num_heads=2,
+            mlp_ratio=2.0, out_chans=dim, qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=False,
+            window_size=0, global_attn_indexes=(0,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(image_size // patch, image_size // patch),
+            input_image_size=(image_size, image_size), mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=16,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+# Why SAM's automatic mask generator may give an image no box at all, and what to change.
+SAM_AUTO_EMPTY_HINT = (
+    "SAM's automatic mask generator kept no mask: its predicted-IoU and stability thresholds filtered "
+    "every candidate (with random or tiny SAM weights they filter everything). Lower "
+    "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH and STABILITY_SCORE_THRESH (the tiny model needs 0 "
+    "for both), or give box prompts instead."
+)
+RANDOM_INIT_SEED = 0
+
+
+def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED) -> Sam:
+    """Build SAM of `sam_type` and load `checkpoint` ("" = official, "random" = random init).
+
+    `seed` fixes the random initialisation (what stays of it when no checkpoint is loaded).
+    """
+    if sam_type not in SAM_TYPES:
+        raise ValueError(
+            f"Unknown SAM type {sam_type!r} (MODEL.REGIONSPOT.SAM.TYPE); choose one of {SAM_TYPES}."
+        )
+    # Random weights come from a fixed seed (without touching the global RNG), so every build and
+    # every process gets the same "random" SAM: cached tokens, evaluation and DDP ranks agree.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if checkpoint == "" and sam_type != "tiny":
+        checkpoint = SAM_CHECKPOINT_URLS[sam_type]
+    if checkpoint not in ("", "random"):
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint", "MODEL.REGIONSPOT.SAM.CHECKPOINT")
+        state = state.get("model", state)
+        try:
+            if not isinstance(state, dict):
+                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+            missing, unexpected = sam.load_state_dict(state, strict=False)
+        except Exception as e:  # other shapes, non-tensor values, ...
+            raise RuntimeError(
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type "
+                f"{sam_type!r}: {type(e).__name__}: {e}"
+            ) from e
+        if missing or unexpected:
+            raise RuntimeError(
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type {sam_type!r}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
+            )
+    return sam
+
+
+class ResizeAtLeastOnePixel(ResizeLongestSide):
+    """SAM's ResizeLongestSide, but no side shrinks below one pixel. SAM rounds each side, so an
+    extreme aspect ratio (e.g. a 4 x 4000 sliver at 256, or 1 x 4000 at 1024) gave a 0-pixel side
+    and failed in the resize. Boxes and points are scaled by the same sizes as the image."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
+class _PrecomputedSamPredictor(SamPredictor):
+    """SamPredictor whose `set_image` reuses an embedding we already computed for the whole image,
+    so SAM's automatic mask generator does not run the image encoder a second time. Crops of the
+    image (crop_n_layers > 0) are still encoded as SAM does."""
+
+    def __init__(self, sam: Sam, embedding: torch.Tensor, input_size: Tuple[int, int],
+                 original_size: Tuple[int, int]):
+        super().__init__(sam)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)  # as our embedding was made
+        self._embedding, self._input_size, self._original_size = embedding, input_size, original_size
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        if tuple(image.shape[:2]) != tuple(self._original_size):
+            return super().set_image(image, image_format)
+        self.reset_image()
+        self.original_size = tuple(self._original_size)
+        self.input_size = tuple(self._input_size)
+        self.features = self._embedding[None]
+        self.is_image_set = True
+
+
+def build_sam_encoder(cfg) -> "SamRegionEncoder":
+    """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode)."""
+    check_regionspot_config(cfg)
+    c = cfg.MODEL.REGIONSPOT
+    sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
+    return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
+
+
+class SamRegionEncoder(nn.Module):
+    """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
+
+    def __init__(self, sam: Sam, decode_chunk: int = 0, fused_attention: bool = False):
+        """
+        Args:
+            sam: a built SAM (frozen by the caller).
+            decode_chunk: boxes per mask-decoder call; 0 = by device (`chunk_for`).
+            fused_attention: run the image encoder's attention through `sam_attention`
+                (same outputs, less time and memory).
+        """
+        super().__init__()
+        self.sam = sam
+        if fused_attention:
+            use_fused_attention(sam.image_encoder)
+        if int(decode_chunk) < 0:
+            raise ValueError(f"MODEL.REGIONSPOT.SAM.DECODE_CHUNK must be >= 0 (0 = by device), got {decode_chunk}.")
+        self.decode_chunk = int(decode_chunk)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)
+        self._captured: List[torch.Tensor] = []
+        self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
+        sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
+
+    def _capture_tokens(self, module, inputs, outputs) -> None:
+        # outputs = (tokens after the two-way transformer, image features); token 0 is the IoU
+        # token, token 1 the first mask token.
+        if self._capturing:
+            self._captured.append(outputs[0][:, 1, :])
+
+    def chunk_for(self, device: torch.device) -> int:
+        """Boxes per decoder call on `device`: DECODE_CHUNK, or when 0, 4 on a CPU (measured
+        fastest: the per-box 4096x256 activations stay in cache) and 64 on accelerators."""
+        if self.decode_chunk:
+            return self.decode_chunk
+        return 4 if device.type == "cpu" else 64
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    @property
+    def token_dim(self) -> int:
+        return self.sam.mask_decoder.transformer_dim
+
+    def preprocess(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(3, H, W) RGB image, any dtype in [0, 255] -> (normalised padded input, resized size)."""
+        h, w = image.shape[-2:]
+        newh, neww = self.transform.get_preprocess_shape(h, w, self.image_size)
+        x = F.interpolate(
+            image[None].float(), (newh, neww), mode="bilinear", align_corners=False, antialias=True
+        )
+        return self.sam.preprocess(x)[0], (newh, neww)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings."""
+        return self.sam.image_encoder(images)
+
+    def decode_boxes(
+        self, embedding: torch.Tensor, boxes: torch.Tensor, original_size: Tuple[int, int]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode boxes (N, 4, XYXY in original pixels) of one image, in chunks.
+
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
+        """
+        return self.decode_prompts(embedding, original_size, boxes=boxes)
+
+    def decode_prompts(
+        self,
+        embedding: torch.Tensor,
+        original_size: Tuple[int, int],
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decode N region prompts of one image, in chunks: boxes, point sets, or both per region.
+
+        Args:
+            embedding: (C, h, w) SAM image embedding of the image.
+            original_size: (H, W) of the image the prompts' pixel coordinates refer to.
+            boxes: (N, 4) XYXY boxes, or None.
+            points: (N, P, 2) XY points, P per region, or None.
+            point_labels: (N, P) SAM point labels: 1 foreground, 0 background, -1 padding.
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w), as
+        `SamPredictor.predict_torch(..., multimask_output=False)` would give them.
+        """
+        if points is not None and point_labels is None:
+            raise ValueError("Point prompts need point_labels (1 = foreground, 0 = background).")
+        if boxes is not None:
+            boxes = self.transform.apply_boxes_torch(boxes.float(), original_size)
+        if points is not None:
+            points = self.transform.apply_coords_torch(points.float(), original_size)
+            point_labels = point_labels.to(device=points.device, dtype=torch.int)
+        num = boxes.shape[0] if boxes is not None else (points.shape[0] if points is not None else 0)
+        tokens, masks = [], []
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()
+        step = self.chunk_for(embedding.device)
+        for start in range(0, num, step):
+            chunk = slice(start, start + step)
+            sparse, dense = self.sam.prompt_encoder(
+                points=(points[chunk], point_labels[chunk]) if points is not None else None,
+                boxes=boxes[chunk] if boxes is not None else None,
+                masks=None,
+            )
+            self._captured.clear()
+            self._capturing = True
+            try:
+                low_res, _ = self.sam.mask_decoder(
+                    image_embeddings=embedding[None],
+                    image_pe=dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+            finally:
+                self._capturing = False
+            tokens.append(self._captured.pop())
+            masks.append(low_res)
+        if not tokens:
+            c = self.token_dim
+            n = self.image_size // 4
+            return embedding.new_zeros((0, c)), embedding.new_zeros((0, 1, n, n))
+        return torch.cat(tokens), torch.cat(masks)
+
+    @torch.no_grad()
+    def auto_boxes(self, image: torch.Tensor, embedding: torch.Tensor, input_size: Tuple[int, int],
+                   params: Dict) -> torch.Tensor:
+        """Boxes (N, 4, XYXY) of SAM's automatic mask generator on a (3, H, W) RGB image, reusing
+        its already computed `embedding` (from `encode_images`) instead of encoding it again."""
+        rgb = image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        generator = SamAutomaticMaskGenerator(self.sam, **params)
+        generator.predictor = _PrecomputedSamPredictor(self.sam, embedding, input_size, rgb.shape[:2])
+        records = generator.generate(rgb)
+        if not records:
+            log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
+                        name="regionspot.modeling.sam_encoder")
+        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=embedding.device)
+        boxes = boxes.view(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+        return boxes
+
+    def paste_masks(
+        self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+        fast: bool = False, chunk: int = 16,
+    ) -> torch.Tensor:
+        """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size.
+
+        The plain way is SAM's own `postprocess_masks`: upsample to the padded S x S input, crop
+        the image, resize to the original size (two interpolations through an S x S buffer).
+        `fast=True` samples the original-size grid straight from the low-res logits, one bilinear
+        interpolation without the S x S buffer; tests check the two agree (IoU >= 0.99).
+        Masks are pasted `chunk` at a time, so the float buffers stay bounded.
+        """
+        if low_res.shape[0] == 0:
+            return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
+        return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
+
+    def box_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], image_size: Tuple[int, int],
+                  boxes: torch.Tensor, size: int = 112) -> torch.Tensor:
+        """Mask probabilities (N, 1, size, size) on a grid over each box (XYXY in `image_size`
+        pixels), sampled from SAM's low-res logits: the box-local masks detectron2's
+        `detector_postprocess` pastes (threshold 0.5, i.e. SAM's logit threshold 0)."""
+        if boxes.shape[0] == 0:
+            return low_res.new_zeros((0, 1, size, size), dtype=torch.float32)
+        S = float(self.image_size)
+        steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # (size,)
+        x0, y0, x1, y1 = boxes.float().unbind(dim=1)
+        xs = x0[:, None] + (x1 - x0)[:, None] * steps  # (N, size) image pixels
+        ys = y0[:, None] + (y1 - y0)[:, None] * steps
+        gx = xs * (input_size[1] / image_size[1]) * (2.0 / S) - 1.0
+        gy = ys * (input_size[0] / image_size[0]) * (2.0 / S) - 1.0
+        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
+        logits = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (logits - self.sam.mask_threshold).sigmoid()
+
+    def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                     fast: bool) -> torch.Tensor:
+        if not fast:
+            masks = self.sam.postprocess_masks(low_res.float(), input_size, original_size)
+            return masks[:, 0] > self.sam.mask_threshold
+        H, W = original_size
+        S = float(self.image_size)
+        dev = low_res.device
+        # Output pixel centres, mapped into the padded input frame, as grid_sample's [-1, 1]
+        # coordinates over the low-res map (align_corners=False convention).
+        gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
+        gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+        grid = grid[None].expand(low_res.shape[0], H, W, 2)
+        masks = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return masks[:, 0] > self.sam.mask_threshold
