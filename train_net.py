@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from regionspot import add_regionspot_config
+from regionspot import lazy_engine
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.trainer import RegionSpotTrainer as Trainer
 
@@ -24,6 +25,8 @@ def setup(args):
 
 
 def main(args):
+    if args.config_file.endswith(".py"):  # a LazyConfig: detectron2's lazyconfig_train_net route
+        return lazy_engine.main(args)
     cfg = setup(args)
     if args.eval_only:
         if cfg.TEST.AUG.ENABLED:
