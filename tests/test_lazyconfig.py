@@ -247,26 +247,50 @@ def _results(out_dir, dataset):
         return json.load(f)
 
 
-def test_lazy_eval_only_gives_the_yacs_detections(synthetic_val, head_weights, tmp_path):
+def _eval_both(tmp_path, dataset, weights, yacs_opts=(), lazy_opts=()):
+    """(yacs metrics, LazyConfig metrics, yacs detections, LazyConfig detections) of `train_net.py --eval-only`."""
     yacs_out, lazy_out = str(tmp_path / "yacs"), str(tmp_path / "lazy")
     yacs_res = train_net.main(default_argument_parser().parse_args([
-        "--config-file", TINY_CONFIG, "--eval-only", "DATASETS.TEST", f'("{synthetic_val}",)',
-        "MODEL.WEIGHTS", head_weights, "OUTPUT_DIR", yacs_out]))
+        "--config-file", TINY_CONFIG, "--eval-only", "DATASETS.TEST", f'("{dataset}",)',
+        "MODEL.WEIGHTS", weights, "OUTPUT_DIR", yacs_out, *yacs_opts]))
     lazy_res = train_net.main(default_argument_parser().parse_args([
-        "--config-file", TINY_LAZY, "--eval-only", f"dataloader.test.dataset.name={synthetic_val}",
-        f"train.init_checkpoint={head_weights}", f"train.output_dir={lazy_out}"]))
-    yacs_res = yacs_res.get(synthetic_val, yacs_res)
+        "--config-file", TINY_LAZY, "--eval-only", f"dataloader.test.dataset.name={dataset}",
+        f"train.init_checkpoint={weights}", f"train.output_dir={lazy_out}", *lazy_opts]))
+    return yacs_res.get(dataset, yacs_res), lazy_res, _results(yacs_out, dataset), _results(lazy_out, dataset)
+
+
+def test_lazy_eval_only_gives_the_yacs_detections(synthetic_val, head_weights, tmp_path):
+    yacs_res, lazy_res, a, b = _eval_both(tmp_path, synthetic_val, head_weights)
     assert set(lazy_res) == {"bbox", "segm"}
     assert lazy_res == yacs_res
-    a, b = _results(yacs_out, synthetic_val), _results(lazy_out, synthetic_val)
     assert len(a) == 6 * sum(len(d["annotations"]) for d in DatasetCatalog.get(synthetic_val))
     assert a == b  # every box, class, score and mask RLE
-    # ... and the head was loaded: a different head gives other scores.
+    # ... and the head was loaded: a random head gives other scores.
     train_net.main(default_argument_parser().parse_args([
         "--config-file", TINY_LAZY, "--eval-only", f"dataloader.test.dataset.name={synthetic_val}",
         f"train.output_dir={tmp_path / 'random'}"]))
     assert [d["score"] for d in _results(str(tmp_path / "random"), synthetic_val)] != [d["score"] for d in b]
-    assert os.path.isfile(os.path.join(lazy_out, "config.yaml"))  # default_setup saved the LazyConfig
+    assert os.path.isfile(os.path.join(tmp_path, "lazy", "config.yaml"))  # default_setup saved the LazyConfig
+
+
+def test_lazy_eval_with_proposals_gives_the_yacs_detections(synthetic_val, head_weights, tmp_path):
+    """Proposals (GLIP-style JSON: shifted gt boxes, unequal scores) as prompts, scores multiplied in."""
+    path = str(tmp_path / "proposals.json")
+    data = {}
+    for d in DatasetCatalog.get(synthetic_val):
+        boxes = [[a["bbox"][0] + 2, a["bbox"][1] + 1, a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                 for a in d["annotations"]]  # the synthetic set's boxes are XYWH
+        data[str(d["image_id"])] = {"boxes": boxes, "scores": [0.9 - 0.1 * i for i in range(len(boxes))]}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    yacs_res, lazy_res, a, b = _eval_both(
+        tmp_path, synthetic_val, head_weights,
+        ("MODEL.REGIONSPOT.PROMPT", "proposals", "DATASETS.PROPOSAL_FILES_TEST", f'("{path}",)'),
+        ("model.prompt=proposals", f"dataloader.test.dataset.proposal_file={path}",
+         "dataloader.test.mapper.precomputed_proposal_topk=1000"))
+    assert lazy_res == yacs_res and a == b
+    assert len(b) == 6 * sum(len(v["boxes"]) for v in data.values())
+    assert max(d["score"] for d in b) <= 0.9 + 1e-6  # proposal scores were multiplied in
 
 
 # --------------------------------------------------------------------------- same training
