@@ -168,11 +168,13 @@ def test_loading_weights_into_a_model_that_already_ran(tmp_path, inputs):
 
 # ---------------------------------------------------------------------------------- reports
 def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
+    # A head weight missing from the file is an error (tested in test_bad_input.py) unless a
+    # random head is allowed; then it is reported, as are unexpected keys.
     src, dst = build(1), build(2)
     state = to_original(src.state_dict(), with_frozen=False)
     del state["model.to_clip.bias"]
     state["model.extra_branch.weight"] = torch.zeros(3)
-    incompatible = RegionSpotCheckpointer(dst)._load_model({"model": dict(state)})
+    incompatible = RegionSpotCheckpointer(dst, allow_random_head=True)._load_model({"model": dict(state)})
     assert incompatible.missing_keys == ["head.to_clip.bias"]
     assert "model.extra_branch.weight" in incompatible.unexpected_keys
 
@@ -180,7 +182,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog):
     path = tmp_path / "partial.pth"
     torch.save({"model": state}, path)
     dst = build(3)
-    checkpointer = RegionSpotCheckpointer(dst)
+    checkpointer = RegionSpotCheckpointer(dst, allow_random_head=True)
     checkpointer.logger.addHandler(caplog.handler)  # detectron2's setup_logger may stop propagation
     try:
         with caplog.at_level(logging.INFO):

@@ -6,6 +6,7 @@ import pytest
 from detectron2.config import CfgNode, get_cfg
 
 from regionspot import add_regionspot_config
+from regionspot.config import check_regionspot_config
 
 from conftest import CONFIG_DIR
 
@@ -36,8 +37,12 @@ def test_every_config_merges(path):
     cfg = get_cfg()
     add_regionspot_config(cfg)
     cfg.merge_from_file(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "RegionSpot"
-    assert cfg.MODEL.REGIONSPOT.PROMPT in ("gt", "proposals", "sam_auto")
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # the plug-in configs: RegionSpot as ROI heads
+        assert cfg.MODEL.ROI_HEADS.NAME == "RegionSpotROIHeads"
+    else:
+        assert cfg.MODEL.META_ARCHITECTURE == "RegionSpot"
+    check_regionspot_config(cfg)  # its values pass the build-time check
+    assert cfg.MODEL.REGIONSPOT.PROMPT in ("gt", "proposals", "sam_auto", "detector")
     if cfg.MODEL.REGIONSPOT.PROMPT == "proposals":
         assert len(cfg.DATASETS.PROPOSAL_FILES_TEST) == len(cfg.DATASETS.TEST)
 

@@ -191,3 +191,29 @@ def test_bad_inputs_and_prompt_files_exit_2(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: exactly one prompt source
         _run("--input", folder["images"], "--boxes", folder["boxes_file"], "--sam-auto")
     assert e.value.code == 2
+
+
+def test_16bit_png_is_scaled_like_its_8bit_original(folder, tmp_path):
+    """A 16-bit grayscale PNG gives the results of the 8-bit image it was made from (detectron2's
+    reader would clip it to white)."""
+    gray = np.asarray(Image.open(os.path.join(folder["images"], "val_00000.png")).convert("L"))
+    for sub, pixels in (("g8", gray), ("g16", gray.astype(np.uint16) * 257)):
+        os.makedirs(tmp_path / sub)
+        Image.fromarray(pixels).save(tmp_path / sub / "img.png")
+    boxes = tmp_path / "b.txt"
+    boxes.write_text("0 0 60 60\n10 20 120 90\n")
+    out = {}
+    for sub in ("g8", "g16"):
+        js = tmp_path / f"{sub}.json"
+        torch.manual_seed(0)  # the same random head in both runs
+        assert _run("--input", str(tmp_path / sub / "img.png"), "--boxes", str(boxes), "--json-output", str(js)) == 0
+        out[sub] = [(r["category_id"], r["score"]) for r in json.load(open(js))]
+    assert len(out["g8"]) == 2 and out["g8"] == out["g16"]
+
+
+def test_nan_in_a_boxes_file_is_a_usage_error(folder, tmp_path, capsys):
+    bad = tmp_path / "nan.json"
+    bad.write_text('{"val_00000.png": [[1, 2, 30, 40], [1, 2, NaN, 40]]}')
+    assert _run("--input", folder["images"], "--boxes", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert "nan.json" in err and "val_00000.png" in err and "rows [1]" in err and "NaN" in err

@@ -1,4 +1,5 @@
-"""End to end: `train_net.py --eval-only` on a synthetic LVIS-format set, with an oracle head.
+"""End to end: `train_net.py --eval-only` on a synthetic LVIS-format set, with an oracle head
+(the `oracle` fixture of conftest.py).
 
 The oracle makes the expected answer known without training: with the decoder's attention
 outputs and second feed-forward linears zeroed, every decoder layer is the identity up to its
@@ -15,103 +16,13 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
-from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
 import train_net
 from regionspot import RegionSpot
-from regionspot.dataset_mapper import RegionSpotDatasetMapper
 
-from conftest import TINY_CONFIG, tiny_cfg
-
-HEAD_TO_ORIGINAL = (("head.", "model."), ("sam_encoder.sam.", "model.sam."),
-                    ("clip_encoder.clip_model.", "model.clip_model."))
-
-
-def _original_layout(state):
-    out = {}
-    for k, v in state.items():
-        for ours, theirs in HEAD_TO_ORIGINAL:
-            if k.startswith(ours):
-                out[theirs + k[len(ours):]] = v.detach().clone()
-                break
-        else:
-            raise AssertionError(k)
-    return out
-
-
-def _gt_by_image(dataset):
-    """image_id -> (XYXY boxes (N, 4) float64, contiguous 0-based classes) from the dataset dicts."""
-    out = {}
-    for d in DatasetCatalog.get(dataset):
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
-        out[d["image_id"]] = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-                              [a["category_id"] for a in d["annotations"]])
-    return out
-
-
-@pytest.fixture(scope="module")
-def oracle(synthetic_val, tmp_path_factory):
-    """Path of an original-layout checkpoint (head + frozen SAM/CLIP) of the oracle head."""
-    folder = tmp_path_factory.mktemp("oracle")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REGIONSPOT_CACHE", str(folder / "cache"))
-        torch.manual_seed(1234)
-        cfg = tiny_cfg()
-        model = build_model(cfg).eval()
-        head = model.head
-        with torch.no_grad():
-            for layer in head.decoder.layers:
-                for attn in (layer.self_attn, layer.multihead_attn):
-                    attn.out_proj.weight.zero_()
-                    attn.out_proj.bias.zero_()
-                layer.linear2.weight.zero_()
-                layer.linear2.bias.zero_()
-            for m in head.modules():
-                if isinstance(m, torch.nn.LayerNorm):  # as built; the construction relies on it
-                    assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
-
-        # The region tokens exactly as the evaluation computes them: same mapper, one image a batch.
-        mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)
-        feats, labels, per_image = [], [], []
-        for d in DatasetCatalog.get(synthetic_val):
-            x = mapper(d)
-            sam_emb, _, clip_tokens = model.encode_images([x["image"]])
-            tokens, _ = model.decode_regions(sam_emb[0], x["instances"].gt_boxes.tensor, tuple(x["image"].shape[-2:]))
-            with torch.no_grad():
-                h = head.decoder(head.to_clip(tokens)[None], clip_tokens)[0]
-                h_ln = F.layer_norm(head.to_clip(tokens), (h.shape[-1],))
-            torch.testing.assert_close(h, h_ln, atol=1e-3, rtol=1e-3)  # the head is LN(to_clip(.)) now
-            feats.append(h.double())
-            labels.append(x["instances"].gt_classes)
-            per_image.append((x, tokens, clip_tokens))
-        H, y = torch.cat(feats), torch.cat(labels)
-        names, T = model.text_embeddings(synthetic_val)
-        num_regions, width = H.shape
-        assert num_regions < width + 1, "too many regions for an exact least-squares fit"
-        assert len(set(y.tolist())) >= 3  # several classes: the rankings are a real test
-
-        targets = (torch.linalg.pinv(T.double()) @ F.one_hot(y, len(names)).double().T).T  # (R, D)
-        A = torch.cat([H, torch.ones(num_regions, 1, dtype=H.dtype)], dim=1)
-        sol = torch.linalg.lstsq(A, targets, driver="gelsd").solution  # (W + 1, D)
-        assert torch.allclose(A @ sol, targets, atol=1e-6)
-        with torch.no_grad():
-            head.projector.weight.copy_(sol[:-1].T.float())
-            head.projector.bias.copy_(sol[-1].float())
-
-        # Sanity of the construction (in-process): every region's own class wins.
-        for (x, tokens, clip_tokens) in per_image:
-            with torch.no_grad():
-                logits = model.classify(model.embed_regions([tokens], clip_tokens)[0], T)
-            assert torch.equal(logits.argmax(1), x["instances"].gt_classes)
-
-        path = folder / "oracle_original_layout.pth"
-        torch.save({"model": _original_layout(model.state_dict())}, path)
-    return str(path)
+from conftest import TINY_CONFIG, _gt_by_image
 
 
 def _eval(tmp_path, dataset, weights, *opts, seed=0):

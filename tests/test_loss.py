@@ -23,7 +23,7 @@ def _loss_and_hand_value(model, inputs, dataset):
     with torch.no_grad():
         images = [x["image"] for x in inputs]
         sam_emb, _, clip_tokens = model.encode_images(images)
-        tokens = [model.decode_regions(sam_emb[i], x["instances"].gt_boxes.tensor, tuple(images[i].shape[-2:]))[0]
+        tokens = [model.decode_regions(sam_emb[i], tuple(images[i].shape[-2:]), boxes=x["instances"].gt_boxes.tensor)[0]
                   for i, x in enumerate(inputs)]
         emb = model.embed_regions(tokens, clip_tokens)
         _, text = model.text_embeddings(dataset)

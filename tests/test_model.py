@@ -49,7 +49,7 @@ def _region_embeddings(model, x, boxes=None):
     """Per-region head embeddings of one image, computed through the model's own steps."""
     boxes = x["instances"].gt_boxes.tensor if boxes is None else boxes
     sam_emb, _, clip_tokens = model.encode_images([x["image"]])
-    tokens, _ = model.decode_regions(sam_emb[0], boxes, tuple(x["image"].shape[-2:]))
+    tokens, _ = model.decode_regions(sam_emb[0], tuple(x["image"].shape[-2:]), boxes=boxes)
     with torch.no_grad():
         return tokens, model.embed_regions([tokens], clip_tokens)[0]
 

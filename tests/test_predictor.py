@@ -193,7 +193,7 @@ def test_new_clip_weights_invalidate_cached_vocabularies(predictor):
     clip.load_state_dict(state)
     _, after = predictor.vocabulary_embeddings(names)
     assert not torch.allclose(before, after)
-    want = torch.nn.functional.normalize(predictor.model._encode_text(["a photo of a cat.", "a photo of a dog."]), dim=-1)
+    want = torch.nn.functional.normalize(predictor.model.vocabulary.encode_prompts(["a photo of a cat.", "a photo of a dog."]), dim=-1)
     assert torch.allclose(after, want, atol=1e-6)
 
 
@@ -320,3 +320,48 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     assert isinstance(namespace["predictor"], RegionSpotPredictor)
     assert [len(r) for r in namespace["results"]] == [1, 1]
     assert len(capsys.readouterr().out.splitlines()) == 4
+
+
+# ------------------------------------------------------------------ detectron2 objects as prompts
+def test_boxes_and_instances_as_prompts(predictor):
+    image = _image()
+    predictor.set_image(image)
+    h, w = image.shape[:2]
+    raw = torch.tensor([[5.0, 5.0, 60.0, 50.0], [30.0, 20.0, 100.0, 90.0]])
+    ref = predictor.predict(boxes=raw, vocabulary=VOCAB, top_k=3)
+    via_boxes = predictor.predict(boxes=Boxes(raw), vocabulary=VOCAB, top_k=3)
+    torch.testing.assert_close(via_boxes.topk_scores, ref.topk_scores)
+    dets = Instances((h, w))
+    dets.pred_boxes = Boxes(raw)
+    dets.scores = torch.tensor([0.5, 1.0])  # a detector's confidence: multiplied in
+    via_inst = predictor.predict(boxes=dets, vocabulary=VOCAB, top_k=3)
+    torch.testing.assert_close(via_inst.topk_scores, ref.topk_scores * dets.scores[:, None])
+    torch.testing.assert_close(via_inst.boxes, raw)
+    # A detector that found nothing: an empty result, and empty Instances.
+    for empty in (Boxes(torch.zeros(0, 4)), dets[:0], torch.zeros(0, 4)):
+        res = predictor.predict(boxes=empty, vocabulary=VOCAB)
+        assert len(res) == 0 and len(res.to_instances()) == 0 and len(res.to_detections(10)) == 0
+    other = Instances((h + 1, w))
+    other.pred_boxes = Boxes(raw)
+    with pytest.raises(ValueError, match="not of the"):
+        predictor.predict(boxes=other, vocabulary=VOCAB)
+
+
+def test_to_detections_is_evaluations_policy(synthetic_val):
+    """`to_detections(K)` keeps the image's K best pairs, as --eval-only does; `to_instances`
+    keeps each region's best class."""
+    from detectron2.data import DatasetCatalog
+    from regionspot.dataset_mapper import RegionSpotDatasetMapper
+
+    cfg = tiny_cfg("TEST.DETECTIONS_PER_IMAGE", "5")
+    pred = RegionSpotPredictor(cfg)
+    d = next(d for d in DatasetCatalog.get(synthetic_val) if len(d["annotations"]) >= 3)
+    x = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)(d)
+    ev = pred.model([x])[0]["instances"]
+    pred.set_image(d["file_name"])
+    res = pred.predict(boxes=x["instances"].gt_boxes, vocabulary=synthetic_val)
+    det = res.to_detections(5)
+    torch.testing.assert_close(det.scores, ev.scores, rtol=1e-5, atol=1e-7)
+    assert det.pred_classes.tolist() == ev.pred_classes.tolist()
+    torch.testing.assert_close(det.pred_boxes.tensor, ev.pred_boxes.tensor, rtol=1e-5, atol=1e-4)
+    assert len(res.to_instances()) == len(d["annotations"])  # one per region: another policy

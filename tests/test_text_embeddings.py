@@ -110,7 +110,7 @@ def test_cache_hit_miss_and_repair(text_calls, tmp_path):
     names, emb = first.text_embeddings("custom")
     assert names == NAMES and emb.shape[0] == len(NAMES)
     encoded = sum(text_calls)
-    assert encoded == len(NAMES) * len(first.templates)
+    assert encoded == len(NAMES) * len(first.vocabulary.templates)
     files = _cache_files(cache)
     assert len(files) == 1
 
@@ -132,7 +132,7 @@ def test_cache_hit_miss_and_repair(text_calls, tmp_path):
     encoded = sum(text_calls)
     # Another CLIP misses, and its embeddings differ.
     other_clip = _custom(NAMES, seed=5)
-    assert other_clip.fingerprint != first.fingerprint
+    assert other_clip.vocabulary.fingerprint != first.vocabulary.fingerprint
     _, emb_other = other_clip.text_embeddings("custom")
     assert sum(text_calls) == encoded + len(NAMES)
     assert not torch.allclose(emb_other, emb)
@@ -148,7 +148,7 @@ def test_cache_hit_miss_and_repair(text_calls, tmp_path):
     _, emb3 = repaired.text_embeddings("custom")
     assert sum(text_calls) == encoded + len(NAMES)
     torch.testing.assert_close(emb3, emb)
-    payload = load_embedding_file(path, first.fingerprint)
+    payload = load_embedding_file(path, first.vocabulary.fingerprint)
     assert payload["names"] == NAMES
     torch.testing.assert_close(payload["embeddings"], emb)
     # ... and the repaired file serves the next model.
@@ -173,7 +173,7 @@ def test_dataset_vocabulary_uses_its_classes(synthetic_val, text_calls):
 # ---------------------------------------------------------------------------------- vocabularies
 def test_empty_vocabulary_is_refused():
     model = _model("MODEL.REGIONSPOT.VOCABULARY", "custom")
-    assert list(model.custom_vocabulary) == []
+    assert list(model.vocabulary.custom) == []
     with pytest.raises(ValueError, match="empty"):
         model.text_embeddings()
     with pytest.raises(ValueError, match="empty"):
@@ -187,7 +187,7 @@ def test_duplicate_names_are_refused():
         vocabulary_names("custom", ["cat", "dog", "cat"])
     model = _model()
     with pytest.raises(ValueError, match="dog"):
-        model.set_custom_vocabulary(["dog", "cat", "dog"])
+        model.vocabulary.set_custom(["dog", "cat", "dog"])
     with pytest.raises(ValueError):
         _custom(["a", "b", "a"]).text_embeddings("custom")
 
@@ -195,7 +195,7 @@ def test_duplicate_names_are_refused():
 def test_set_custom_vocabulary_replaces_the_previous_one():
     model = _custom(["cat", "dog"])
     names, emb = model.text_embeddings("custom")
-    model.set_custom_vocabulary(["dog", "fish", "cat"])
+    model.vocabulary.set_custom(["dog", "fish", "cat"])
     names2, emb2 = model.text_embeddings("custom")
     assert names == ["cat", "dog"] and names2 == ["dog", "fish", "cat"]
     torch.testing.assert_close(emb2[0], emb[1])
@@ -211,15 +211,15 @@ def test_unknown_vocabulary_is_named():
 # ---------------------------------------------------------------------------------- embedding files
 def test_embedding_file_of_another_clip_is_refused(tmp_path):
     a, b = _custom(NAMES, seed=1), _model(seed=2)
-    assert a.fingerprint != b.fingerprint
+    assert a.vocabulary.fingerprint != b.vocabulary.fingerprint
     names, emb = a.text_embeddings("custom")
     path = str(tmp_path / "vocab.pth")
-    save_embedding_file(path, names, emb, a.fingerprint, a.templates)
+    save_embedding_file(path, names, emb, a.vocabulary.fingerprint, a.vocabulary.templates)
 
-    payload = load_embedding_file(path, a.fingerprint)
+    payload = load_embedding_file(path, a.vocabulary.fingerprint)
     assert payload["names"] == NAMES and torch.equal(payload["embeddings"], emb)
-    with pytest.raises(ValueError, match=b.fingerprint):
-        load_embedding_file(path, b.fingerprint)
+    with pytest.raises(ValueError, match=b.vocabulary.fingerprint):
+        load_embedding_file(path, b.vocabulary.fingerprint)
     # Through the model: the file serves the CLIP it was made with, and no other.
     names_a, emb_a = _model(state=a.state_dict()).text_embeddings(path)
     assert names_a == NAMES and torch.equal(emb_a, emb)

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from regionspot import token_cache
 from regionspot.token_cache import (
     FORMAT,
     CorruptTokenFile,
@@ -143,6 +144,7 @@ def test_inconsistent_contents_are_detected(tmp_path, field, bad):
     _save(path)
     payload = torch.load(path, weights_only=True)
     payload[field] = bad(payload["tokens"], payload["boxes"], payload["classes"])
+    payload["sha256"] = token_cache._checksum(payload)  # a consistent checksum: the content checks must catch it
     torch.save(payload, path)
     with pytest.raises(CorruptTokenFile, match="s.pth"):
         load_tokens(path, 42)

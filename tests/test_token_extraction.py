@@ -11,6 +11,7 @@ from detectron2.engine import launch
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from regionspot import token_cache
 from regionspot.sam_encoder import SamRegionEncoder, build_sam
 from regionspot.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.token_cache import load_tokens, token_cache_folder, token_file
@@ -150,6 +151,25 @@ def test_resume_after_interrupted_run_redoes_exactly_the_damaged_files(sam, data
         torch.testing.assert_close(load_tokens(os.path.join(folder, f))["tokens"], reference[f])
 
 
+def test_bit_rotten_file_is_redone(sam, dataset, tmp_path):
+    # 64 zeroed bytes inside the token data: torch.load reads finite tokens, the checksum does not match.
+    cfg = tiny_cfg()
+    out = str(tmp_path / "tokens")
+    extract_tokens(sam, cfg, dataset, out)
+    folder = token_cache_folder(out, dataset, "tiny")
+    path = token_file(folder, DatasetCatalog.get(dataset)[0]["image_id"])
+    good = load_tokens(path)["tokens"]
+    data = bytearray(open(path, "rb").read())
+    at = data.find(good.numpy().tobytes())
+    assert at >= 0
+    data[at + 64:at + 128] = bytes(64)
+    open(path, "wb").write(bytes(data))
+    assert torch.isfinite(torch.load(path, weights_only=True)["tokens"].float()).all()
+    summary = extract_tokens(sam, cfg, dataset, out)
+    assert (summary.images, summary.skipped) == (1, NUM_IMAGES - 1)
+    assert torch.equal(load_tokens(path)["tokens"], good)
+
+
 def test_stale_file_is_redone(sam, dataset, tmp_path):
     # A file made from other annotations (the dataset changed since) is redone, not trusted.
     cfg = tiny_cfg()
@@ -160,6 +180,7 @@ def test_stale_file_is_redone(sam, dataset, tmp_path):
     path = token_file(folder, d["image_id"])
     payload = torch.load(path, weights_only=True)
     payload["source"] = "0" * 40
+    payload["sha256"] = token_cache._checksum(payload)  # a sound file, only made from other annotations
     torch.save(payload, path)
     summary = extract_tokens(sam, cfg, dataset, out)
     assert (summary.images, summary.skipped) == (1, NUM_IMAGES - 1)

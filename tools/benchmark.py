@@ -39,13 +39,12 @@ from PIL import Image
 import regionspot  # noqa: F401
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from regionspot import add_regionspot_config
-from regionspot.meta_arch import AUTOCAST_DTYPES
+from regionspot.config import load_config
+from regionspot.region_pipeline import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "Base-RegionSpot.yaml")
@@ -104,15 +103,13 @@ def startup(args) -> dict:
         t2 = time.perf_counter()
         times[phase] = {"build_s": t1 - t0, "vocabulary_s": t2 - t1, "total_s": t2 - t0}
         print(f"{phase}: build {t1 - t0:.1f} s + {args.startup} vocabulary ({len(names)} classes x "
-              f"{len(model.templates)} templates) {t2 - t1:.1f} s = {t2 - t0:.1f} s", flush=True)
+              f"{len(model.vocabulary.templates)} templates) {t2 - t1:.1f} s = {t2 - t0:.1f} s", flush=True)
         del model
     return times
 
 
 def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
+    cfg = load_config(BASE_CONFIG, freeze=False)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
     c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size
@@ -131,7 +128,7 @@ def build(args, autocast: str, templates: str = "ensemble", extra_opts=(), cfg=N
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     text = F.normalize(torch.randn(args.num_classes, model.clip_encoder.text_dim), dim=-1)
-    model._text_embeddings[vocabulary] = ([f"class{i}" for i in range(args.num_classes)], text.to(model.device))
+    model.vocabulary.register(vocabulary, [f"class{i}" for i in range(args.num_classes)], text)
     return model
 
 
@@ -165,16 +162,17 @@ class StageTimer:
         }
         for stage, (obj, name) in targets.items():
             setattr(obj, name, self._timed(stage, getattr(obj, name)))
-        post = model._postprocess
+        model.probabilities = self._timed("head", model.probabilities)  # classification
+        detections = model.detections
 
-        def postprocess(*a, **k):  # classification + top-K belong to "head"; pasting is timed inside
+        def timed_detections(*a, **k):  # top-K belongs to "head"; pasting is timed inside
             t0 = self._now()
             before = self.times["masks"]
-            out = post(*a, **k)
+            out = detections(*a, **k)
             self.times["head"] += self._now() - t0 - (self.times["masks"] - before)
             return out
 
-        model._postprocess = postprocess
+        model.detections = timed_detections
 
     def _now(self):
         self._sync()
@@ -224,7 +222,7 @@ def run(args, variants):
             images = [inputs[0]["image"].to(model.device)]
             sam_emb, _, clip_tokens = model.encode_images(images)
             boxes = inputs[0]["instances"].gt_boxes.tensor.to(model.device)
-            tokens, _ = model.decode_regions(sam_emb[0], boxes, tuple(images[0].shape[-2:]))
+            tokens, _ = model.decode_regions(sam_emb[0], tuple(images[0].shape[-2:]), boxes=boxes)
             emb = model.embed_regions([tokens], clip_tokens)[0].float().cpu()
         per_image["warmup_batch"] = warmup_s[m]
         results[m] = (per_image, outputs[m], emb)

@@ -24,23 +24,20 @@ import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.structures import BoxMode
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.evaluation import instances_to_json
-from regionspot.predictor import RegionSpotPredictor, VocabularyLike
+from regionspot.images import read_image
+from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
-from regionspot.text_embeddings import (
-    BUILTIN_VOCABULARIES,
-    read_custom_vocabulary,
-    vocabulary_synonyms,
-)
+from regionspot.text_embeddings import BUILTIN_VOCABULARIES
+from regionspot.vocabulary import VocabularyLike, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -91,24 +88,20 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="keep detections scoring at least this (class probability x prompt score)")
     p.add_argument("--classes-per-region", type=int, default=1,
-                   help="(box, class) pairs per region in the JSON output (LVIS evaluation uses several)")
+                   help="(box, class) pairs per region in the JSON output: each region's K best classes")
+    p.add_argument("--detections-per-image", type=int, default=0, metavar="N",
+                   help="instead, the image's N best (box, class) pairs over all regions, as --eval-only "
+                        "keeps them (TEST.DETECTIONS_PER_IMAGE)")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
     return p
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise UsageError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
     try:
-        cfg.merge_from_list(list(args.opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise UsageError(f"Bad --opts {args.opts}: {e}") from e
-    cfg.freeze()
-    return cfg
+        return load_config(args.config_file, args.opts)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
 
 
 def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -137,6 +130,9 @@ def _boxes_array(value, where: str, box_mode: str) -> np.ndarray:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise UsageError(f"{where}: boxes must have shape (N, 4), got {boxes.shape}.")
+    bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+    if bad.size:
+        raise UsageError(f"{where}: boxes at rows {bad[:10].tolist()} have NaN or infinite coordinates.")
     if box_mode == "XYWH":
         boxes = BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
     return boxes.astype(np.float32)
@@ -172,6 +168,9 @@ def read_box_file(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np.ndarr
                 scores = np.asarray(scores, dtype=np.float32).reshape(-1)
                 if scores.shape[0] != boxes.shape[0]:
                     raise UsageError(f"{where}: {scores.shape[0]} scores for {boxes.shape[0]} boxes.")
+                if not np.isfinite(scores).all():
+                    raise UsageError(f"{where}: scores at rows {np.flatnonzero(~np.isfinite(scores))[:10].tolist()} "
+                                     "are NaN or infinite.")
             table[str(key)] = (boxes, scores)
         return table
     rows: Dict[str, list] = {}
@@ -229,39 +228,11 @@ def resolve_vocabulary(args: argparse.Namespace, cfg: CfgNode) -> Tuple[Vocabula
     """(the vocabulary for the predictor, the dataset spec its category ids come from, if any)."""
     spec = args.vocabulary or cfg.MODEL.REGIONSPOT.VOCABULARY or (
         cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "lvis")
-    if spec != "custom":
-        if args.custom_vocabulary:
-            raise UsageError("--custom-vocabulary needs --vocabulary custom.")
-        if os.path.isfile(spec) or spec.endswith((".pth", ".pt")):
-            if args.synonyms:
-                raise UsageError("--synonyms cannot change a text-embedding file: make it with "
-                                 "tools/dump_text_embeddings.py --synonyms.")
-            return spec, None
-        if args.synonyms:
-            try:
-                return vocabulary_synonyms(spec), spec
-            except (KeyError, ValueError) as e:
-                raise UsageError(str(e).strip('"')) from e
-        return spec, spec
-    custom = args.custom_vocabulary
     try:
-        if not custom:
-            if not cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY:
-                raise UsageError("--vocabulary custom needs --custom-vocabulary 'a,b,c' or a file of names.")
-            names, groups = read_custom_vocabulary("", cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
-        elif custom.endswith((".pth", ".pt")):
-            return custom, None
-        else:
-            names, groups = read_custom_vocabulary(custom)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
-    if groups and args.synonyms:
-        return groups, None
-    if groups:
-        logger.info("The custom vocabulary lists synonyms; pass --synonyms to average them.")
-    elif args.synonyms:
-        raise UsageError("--synonyms: the custom vocabulary lists no synonyms ('name | synonym' lines).")
-    return names, None
+        return vocabulary_from_options(spec, args.custom_vocabulary, args.synonyms,
+                                       cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e).strip('"')) from e
 
 
 def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
@@ -309,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.classes_per_region < 1:
         raise UsageError(f"--classes-per-region must be at least 1, got {args.classes_per_region}.")
+    if args.detections_per_image < 0:
+        raise UsageError(f"--detections-per-image must be positive, got {args.detections_per_image}.")
     cfg = setup_cfg(args)
     images, unmatched = find_images(args.input)
     for item in unmatched:
@@ -374,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         res = res.cpu()
         if args.json_output:
-            pairs = res.to_instances(args.classes_per_region)
+            pairs = (res.to_detections(args.detections_per_image) if args.detections_per_image
+                     else res.to_instances(args.classes_per_region))
             pairs = pairs[pairs.scores >= args.confidence_threshold]
             for rec in instances_to_json(pairs, image_id):
                 rec["category_name"] = names[rec["category_id"]]

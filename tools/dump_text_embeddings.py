@@ -13,27 +13,17 @@ Only CLIP is built: SAM is not needed for this. Examples:
         --vocabulary custom --custom-vocabulary my_classes.txt --output vocab/mine.pth
 """
 import argparse
-import contextlib
 import logging
-import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
 
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.clip_encoder import build_clip_encoder
-from regionspot.meta_arch import AUTOCAST_DTYPES
-from regionspot.text_embeddings import (
-    cached_class_embeddings,
-    clip_fingerprint,
-    get_templates,
-    read_custom_vocabulary,
-    save_embedding_file,
-    vocabulary_names,
-    vocabulary_synonyms,
-)
+from regionspot.region_pipeline import frozen_precision
+from regionspot.text_embeddings import get_templates, save_embedding_file
+from regionspot.vocabulary import Vocabulary, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.dump_text_embeddings")
 
@@ -58,60 +48,26 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"Config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
-    cfg.freeze()
-    return cfg
-
-
-def vocabulary_groups(args: argparse.Namespace, cfg: CfgNode):
-    """(class names, synonym groups or None) that the arguments ask for."""
-    if args.vocabulary != "custom":
-        if args.custom_vocabulary:
-            raise ValueError("--custom-vocabulary needs --vocabulary custom.")
-        if args.synonyms:
-            groups = vocabulary_synonyms(args.vocabulary)
-            return [g[0] for g in groups], groups
-        return vocabulary_names(args.vocabulary), None
-    names, groups = read_custom_vocabulary(args.custom_vocabulary, cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
-    if args.synonyms and groups is None:
-        raise ValueError("--synonyms: the custom vocabulary lists no synonyms ('name | synonym' lines).")
-    return names, (groups if args.synonyms else None)
-
-
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
-    cfg = setup_cfg(args)
-    names, groups = vocabulary_groups(args, cfg)
+    cfg = load_config(args.config_file, args.opts)
     c = cfg.MODEL.REGIONSPOT
-    device = torch.device(cfg.MODEL.DEVICE)
-    encoder = build_clip_encoder(cfg).to(device)
-    if c.AUTOCAST not in AUTOCAST_DTYPES:
-        raise ValueError(f"Unknown MODEL.REGIONSPOT.AUTOCAST {c.AUTOCAST!r}; choose '', 'bf16' or 'fp16'.")
-    dtype = AUTOCAST_DTYPES[c.AUTOCAST]
-
-    def encode_text(prompts: List[str]) -> torch.Tensor:
-        # As the model encodes text (same autocast), so the file equals what it computes itself.
-        ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            return encoder.encode_text(prompts)
-
-    templates = get_templates(c.TEXT.TEMPLATES)
-    fingerprint = clip_fingerprint(encoder.clip_model)
+    vocab, _ = vocabulary_from_options(args.vocabulary, args.custom_vocabulary, args.synonyms, c.CUSTOM_VOCABULARY)
     chunk = args.chunk_size or c.TEXT.CHUNK_SIZE
     if chunk < 1:
         raise ValueError(f"--chunk-size must be at least 1, got {chunk}.")
-    n_prompts = sum(len(g) for g in groups) * len(templates) if groups else len(names) * len(templates)
-    logger.info(f"Encoding {len(names)} classes ({n_prompts} prompts, {chunk} per call) with CLIP "
-                f"{c.CLIP.NAME} (fingerprint {fingerprint}).")
-    emb = cached_class_embeddings(encode_text, fingerprint, names, templates, c.TEXT.CACHE_DIR, chunk,
-                                  synonyms=groups)
-    save_embedding_file(args.output, names, emb, fingerprint, templates, groups)
+    device = torch.device(cfg.MODEL.DEVICE)
+    encoder = build_clip_encoder(cfg).to(device)
+    # The model's own text side (same templates, cache and precision), so the file equals what
+    # the model computes itself.
+    vocabulary = Vocabulary(encoder, custom=c.CUSTOM_VOCABULARY, templates=get_templates(c.TEXT.TEMPLATES),
+                            cache_dir=c.TEXT.CACHE_DIR, chunk_size=chunk,
+                            precision=lambda: frozen_precision(device, c.AUTOCAST))
+    logger.info(f"Encoding vocabulary {args.vocabulary!r} ({len(vocabulary.templates)} templates, {chunk} prompts "
+                f"per call) with CLIP {c.CLIP.NAME} (fingerprint {vocabulary.fingerprint}).")
+    names, emb = vocabulary.embeddings(vocab)
+    groups = [list(g) for g in vocab] if args.synonyms else None
+    save_embedding_file(args.output, names, emb, vocabulary.fingerprint, vocabulary.templates, groups)
     return args.output
 
 

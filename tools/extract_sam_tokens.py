@@ -11,12 +11,10 @@ import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from regionspot import add_regionspot_config
-from regionspot.meta_arch import AUTOCAST_DTYPES
+from regionspot.config import load_config
 from regionspot.sam_encoder import build_sam_encoder
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
@@ -33,11 +31,7 @@ def parse_args(argv=None):
 
 def main(args):
     setup_logger(name="regionspot", distributed_rank=comm.get_rank())
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
@@ -47,7 +41,7 @@ def main(args):
     failed = 0
     for name in datasets:
         summary = extract_tokens(sam, cfg, name, output, shard=args.shard, num_shards=args.num_shards,
-                                 autocast_dtype=AUTOCAST_DTYPES[cfg.MODEL.REGIONSPOT.AUTOCAST])
+                                 autocast=cfg.MODEL.REGIONSPOT.AUTOCAST)
         summary = gather_summaries(summary)
         if comm.is_main_process():
             print(f"[{name}] {summary}", flush=True)

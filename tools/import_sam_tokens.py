@@ -13,9 +13,8 @@ import argparse
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
-from regionspot import add_regionspot_config
+from regionspot.config import load_config
 from regionspot.token_import import CLASS_ID_CONVENTIONS, import_released_tokens
 
 
@@ -38,11 +37,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="regionspot")
-    cfg = get_cfg()
-    add_regionspot_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from regionspot.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.evaluation import regionspot_evaluator
+from regionspot.prompt_sources import GTBoxes
 from regionspot.lazy import build_lr_multiplier, build_regionspot, build_train_loader
 from regionspot.text_embeddings import get_templates
 from regionspot.trainer import build_regionspot_optimizer, eval_dataset_dicts
@@ -30,13 +31,12 @@ model = L(build_regionspot)(
     text_chunk_size=256,
     autocast="",
     compile_mode="",
-    prompt="gt",                   # "gt", "proposals" (dataloader.test.dataset.proposal_file) or "sam_auto"
-    use_proposal_score=True,
+    # Where box prompts come from (MODEL.REGIONSPOT.PROMPT): GTBoxes; ProposalBoxes(use_scores=True) with
+    # dataloader.test.dataset.proposal_file; SamAutoBoxes(params=dict(points_per_side=32, ...)).
+    prompt_source=L(GTBoxes)(),
     max_dets_per_image=300,        # TEST.DETECTIONS_PER_IMAGE
     mask_on=True,
     fast_mask_paste=True,
-    sam_auto_params=dict(points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95,
-                         min_mask_region_area=0),
     input_format="RGB",            # INPUT.FORMAT
 )
 

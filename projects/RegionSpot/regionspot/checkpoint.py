@@ -1,7 +1,5 @@
 """Checkpoints: RegionSpot's own (head only by default) and those of the original release."""
 import os
-import pickle
-import zipfile
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -18,7 +16,16 @@ ORIGINAL_KEY_PREFIXES: List[Tuple[str, str]] = [
     ("model.decoder.", "head.decoder."),
     ("model.projector.", "head.projector."),
 ]
-FROZEN_PREFIXES = ("sam_encoder.", "clip_encoder.")
+# Frozen parts, loaded from their own files: not saved with the head, not missed when absent.
+FROZEN_PREFIXES = ("sam_encoder.", "clip_encoder.", "prompt_source.")
+
+
+def is_frozen_key(key: str) -> bool:
+    """Whether a state-dict key is a frozen part's, at the top (RegionSpot) or nested (e.g.
+    `roi_heads.regionspot.sam_encoder.*` in a GeneralizedRCNN)."""
+    return any(key.startswith(p) or f".{p}" in key for p in FROZEN_PREFIXES)
+
+
 # Non-tensor entries that OpenAI's JIT CLIP files carry in their state dict.
 _CLIP_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -37,38 +44,99 @@ def convert_original_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class HeadMismatchError(RuntimeError):
+    """A checkpoint that would leave (some of) the trainable head at its random initialisation."""
+
+
 class RegionSpotCheckpointer(DetectionCheckpointer):
     """A `DetectionCheckpointer` that
 
     - reads checkpoints of the original RegionSpot code (with or without frozen weights inside);
     - does not report frozen SAM/CLIP weights as missing when a file holds only the head: they
       come from MODEL.REGIONSPOT.SAM/CLIP.CHECKPOINT;
+    - refuses (`HeadMismatchError`, before changing the model) a file that would leave any head
+      tensor random, missing or of another shape, naming the file and the tensors, unless
+      `allow_random_head` (MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD); an empty path still means "no
+      checkpoint", i.e. a random head, as in detectron2;
     - saves the head only unless `save_frozen=True`, atomically (a crash never leaves a torn file);
-    - names the file when it is missing or unreadable.
+    - names the file when it is missing, unreadable or not a checkpoint.
     """
 
-    def __init__(self, model, save_dir: str = "", *, save_frozen: bool = False, **checkpointables):
+    def __init__(self, model, save_dir: str = "", *, save_frozen: bool = False,
+                 allow_random_head: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.save_frozen = save_frozen
+        self.allow_random_head = allow_random_head
+        self._loading = ""
 
     def load(self, path: str, *args, **kwargs):
         if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint file not found (MODEL.WEIGHTS): {path}")
-        return super().load(path, *args, **kwargs)
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = ""
 
     def _torch_load(self, f: str):
+        # A corrupt file can raise almost anything from the unpickler (IndexError, KeyError,
+        # UnicodeDecodeError, ImportError of a missing class, MemoryError, ...): name the file.
         try:
-            return torch.load(f, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-            raise RuntimeError(f"Checkpoint file {f} is corrupt or truncated and cannot be read ({e}).") from e
+            obj = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise RuntimeError(f"Checkpoint file {f} (MODEL.WEIGHTS) is corrupt, truncated or not a PyTorch "
+                               f"checkpoint and cannot be read ({type(e).__name__}: {e}).") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("model", obj), dict):
+            raise RuntimeError(f"Checkpoint file {f} (MODEL.WEIGHTS) holds a {type(obj).__name__}, not a state "
+                               "dict or a dict with a 'model' state dict.")
+        return obj
+
+    def _check_head(self, state: Dict[str, Any]) -> None:
+        """Raise HeadMismatchError unless every head tensor of the model has a same-shaped tensor
+        in `state` (or the user allowed a random head)."""
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k.startswith("head.")}
+        missing = [k for k in expected if k not in state]
+        wrong = [(k, tuple(getattr(state[k], "shape", ())), expected[k]) for k in expected
+                 if k in state and tuple(getattr(state[k], "shape", ())) != expected[k]]
+        if not missing and not wrong:
+            return
+        where = f"Checkpoint {self._loading} (MODEL.WEIGHTS)" if self._loading else "The checkpoint"
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
+        if wrong:
+            shown = "; ".join(f"{k}: {s} in the file, {m} in the model" for k, s, m in wrong[:4])
+            parts.append(f"{len(wrong)} of another shape (e.g. {shown})")
+        loaded = len(expected) - len(missing) - len(wrong)
+        message = (
+            f"{where} fits {loaded} of the {len(expected)} tensors of RegionSpot's trainable head: "
+            f"{', '.join(parts)}. Expected keys 'head.to_clip.*', 'head.decoder.*', 'head.projector.*' (or the "
+            f"original release's 'model.to_clip.*', ...) with head.to_clip.weight {expected.get('head.to_clip.weight')} "
+            f"and head.projector.weight {expected.get('head.projector.weight')}."
+        )
+        if self.allow_random_head:
+            self.logger.warning(message + " They keep their random initialisation (MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD).")
+            return
+        raise HeadMismatchError(
+            message + " Is it a RegionSpot checkpoint made for these MODEL.REGIONSPOT.SAM/CLIP/HEAD settings? "
+            "To start from it with those tensors random on purpose, set MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD True."
+        )
 
     def _load_model(self, checkpoint: Dict[str, Any]):
+        model_state = checkpoint["model"]
+        if not isinstance(model_state, dict) or not all(isinstance(k, str) for k in model_state):
+            raise RuntimeError(f"{self._loading or 'The checkpoint'}: 'model' is not a state dict of named tensors.")
         state = convert_original_keys(
-            {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+            {k[len("module."):] if k.startswith("module.") else k: v for k, v in model_state.items()}
         )
         checkpoint["model"] = state
+        self._check_head(state)  # before anything is loaded: a refused file leaves the model as it was
         present = {p: any(k.startswith(p) for k in state) for p in FROZEN_PREFIXES}
-        incompatible = super()._load_model(checkpoint)
+        try:
+            incompatible = super()._load_model(checkpoint)
+        except Exception as e:  # e.g. fvcore's "Unsupported type found in checkpoint!"
+            raise RuntimeError(f"{self._loading or 'The checkpoint'} cannot be loaded into RegionSpot "
+                               f"({type(e).__name__}: {e}).") from e
         # Frozen parts absent from the file keep the weights loaded from their own paths.
         incompatible.missing_keys[:] = [
             k for k in incompatible.missing_keys
@@ -77,12 +145,6 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         for p in FROZEN_PREFIXES:
             if not present[p]:
                 self.logger.info(f"The checkpoint has no '{p}*' weights: keeping the configured frozen ones.")
-        head_missing = [k for k in incompatible.missing_keys if k.startswith("head.")]
-        if head_missing:
-            self.logger.warning(
-                f"The checkpoint lacks {len(head_missing)} weights of the trainable head, which keep "
-                f"their random initialisation: {head_missing}"
-            )
         return incompatible
 
     def save(self, name: str, **kwargs: Any) -> None:
@@ -90,7 +152,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
             return
         state = self.model.state_dict()
         if not self.save_frozen:
-            state = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
+            state = {k: v for k, v in state.items() if not is_frozen_key(k)}
         data = {"model": state}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()

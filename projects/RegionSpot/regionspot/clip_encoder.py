@@ -7,7 +7,6 @@ from the checkpoint's.
 """
 import math
 import os
-import pickle
 from typing import Dict, Tuple
 
 import clip
@@ -17,6 +16,7 @@ from clip.model import CLIP
 from clip.model import build_model as build_clip_from_state_dict
 from torch import nn
 
+from .config import check_regionspot_config
 from .weights import resolve_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,28 +71,34 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
         root = os.path.expanduser(download_root) if download_root else None
         model, _ = clip.load(name, device="cpu", jit=False, download_root=root)
         return model.float().eval()
-    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint")
+    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint (MODEL.REGIONSPOT.CLIP.CHECKPOINT)")
+    # A corrupt file can make the loaders raise almost anything (IndexError: pop from empty list,
+    # UnicodeDecodeError, KeyError, ...), and so can a state dict of another model: all are
+    # reported with the file and the key, the original chained as the cause.
     try:
         # OpenAI's files are TorchScript archives; others are plain state dicts. (clip.load
         # reads both, but reuses one file handle for the second try and fails on plain files.)
         try:
             state = torch.jit.load(local, map_location="cpu").state_dict()
-        except RuntimeError:
+        except Exception:
             state = torch.load(local, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
         state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
         model = build_clip_from_state_dict(dict(state)).float()
         # build_model rounds to fp16 as OpenAI ships it; load again so fp32 files stay exact.
         model.load_state_dict(state)
-    except (RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:
         raise RuntimeError(
-            f"The CLIP checkpoint {local} is corrupt, truncated or not an OpenAI-format CLIP "
-            f"file ({type(e).__name__}: {e})."
+            f"The CLIP checkpoint {local} (MODEL.REGIONSPOT.CLIP.CHECKPOINT) is corrupt, truncated or not an "
+            f"OpenAI-format CLIP file ({type(e).__name__}: {e})."
         ) from e
     return model.eval()
 
 
 def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
     """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode)."""
+    check_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
     model = build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
     return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE, c.CLIP.RESIZE_MODE, c.CLIP.ANTIALIAS).eval()
@@ -125,7 +131,8 @@ class ClipImageTextEncoder(nn.Module):
         visual = clip_model.visual
         patch = visual.conv1.kernel_size[0]
         if self.input_size % patch:
-            raise ValueError(f"CLIP input size {self.input_size} is not a multiple of its patch size {patch}.")
+            raise ValueError(f"CLIP input size {self.input_size} (MODEL.REGIONSPOT.CLIP.INPUT_SIZE) is not a "
+                             f"multiple of its patch size {patch}.")
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255, persistent=False)
 

@@ -1,5 +1,11 @@
 """Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
+import math
+import os
+from numbers import Real
+from typing import Optional, Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -51,6 +57,11 @@ def add_regionspot_config(cfg: CN) -> None:
     # compilation (1-2 min cold on a CPU); see README "Speed and memory" for what it buys.
     _C.COMPILE = ""
 
+    # A checkpoint (MODEL.WEIGHTS) that leaves some head tensors at their random initialisation
+    # (missing keys or other shapes) is an error naming them; True = only warn (e.g. fine-tuning
+    # from a head of another shape on purpose). An empty MODEL.WEIGHTS always means a random head.
+    _C.ALLOW_RANDOM_HEAD = False
+
     _C.HEAD = CN()
     _C.HEAD.NUM_LAYERS = 3
     _C.HEAD.NUM_HEADS = 8
@@ -72,8 +83,22 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CUSTOM_VOCABULARY = []
 
     # Where box prompts come from at inference: "gt" (the dataset's boxes), "proposals"
-    # (DATASETS.PROPOSAL_FILES_TEST) or "sam_auto" (SAM's automatic mask generator).
+    # (DATASETS.PROPOSAL_FILES_TEST), "sam_auto" (SAM's automatic mask generator), "detector"
+    # (any detectron2 model, DETECTOR below) or a class registered in PROMPT_SOURCE_REGISTRY.
     _C.PROMPT = "gt"
+    _C.DETECTOR = CN()
+    # The detector: a yacs .yaml, a LazyConfig .py, or a detectron2 model-zoo config name
+    # (e.g. "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml").
+    _C.DETECTOR.CONFIG_FILE = ""
+    # Its weights: a path or URL ("" with a model-zoo name = that model's released weights).
+    _C.DETECTOR.WEIGHTS = ""
+    # Overrides of the detector's config ("KEY VALUE" pairs, or LazyConfig "key=value" strings).
+    _C.DETECTOR.OPTS = []
+    # Keep its boxes scored at least this, the TOPK best per image (0 = all), after optional
+    # class-agnostic NMS at this IoU (0 = off).
+    _C.DETECTOR.SCORE_THRESH = 0.05
+    _C.DETECTOR.TOPK = 300
+    _C.DETECTOR.NMS_THRESH = 0.0
     # Multiply class probabilities by the proposal's own score when it has one.
     _C.USE_PROPOSAL_SCORE = True
     # An image with no entry in the proposals file: "error" or "empty" (no prompts, no detections).
@@ -103,8 +128,78 @@ def add_regionspot_config(cfg: CN) -> None:
     # from SOLVER.CLIP_GRADIENTS, whose CLIP_TYPE may also be "full_model" (the paper's recipe:
     # one norm over all trainable parameters, at most CLIP_VALUE).
 
+    # RegionSpotROIHeads (MODEL.ROI_HEADS.NAME in a GeneralizedRCNN config): the RegionSpot
+    # checkpoint its fusion head loads at build time (path or URL; MODEL.WEIGHTS then holds the
+    # detector's own weights), and the side of the box-local mask grid handed to detectron2's
+    # detector_postprocess, which pastes it into the box at the original size (112: the pasted
+    # masks match the meta-architecture's inside the box with IoU >= 0.99, tested; 56 gave 0.90).
+    _C.HEAD_WEIGHTS = ""
+    _C.ROI_MASK_SIZE = 112
+
     _C.SAM_AUTO = CN()
     _C.SAM_AUTO.POINTS_PER_SIDE = 32
     _C.SAM_AUTO.PRED_IOU_THRESH = 0.88
     _C.SAM_AUTO.STABILITY_SCORE_THRESH = 0.95
     _C.SAM_AUTO.MIN_MASK_REGION_AREA = 0
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -> CN:
+    """detectron2's config with RegionSpot's keys, `config_file` merged in, then "KEY VALUE"
+    `opts`: the one way every entry point builds its config. Errors name the file or the opts."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file not found: {config_file}")
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    cfg.merge_from_file(config_file)
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"Bad config overrides {list(opts)}: {e}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg
+def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
+                  high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming `key` unless `value` is a finite number (an int if `integer`) in range."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        want = " and ".join(x for x in (lo, hi) if x)
+        raise ValueError(f"{key} must be {'an integer' if integer else 'a number'}"
+                         f"{' ' + want if want else ''}, got {value!r}.")
+
+
+def check_regionspot_config(cfg: CN) -> None:
+    """Check every numeric RegionSpot setting in one place, before anything is built, so a bad
+    value fails at once with its key instead of deep inside a run (e.g. ``range()`` with step 0).
+
+    Constraints that need built modules (NUM_HEADS dividing CLIP's width, INPUT_SIZE a multiple
+    of CLIP's patch) are checked where those modules are built and name their keys too.
+    """
+    c = cfg.MODEL.REGIONSPOT
+    k = "MODEL.REGIONSPOT."
+    _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
+    _check_number(k + "CLIP.INPUT_SIZE", c.CLIP.INPUT_SIZE, integer=True, low=1)
+    _check_number(k + "RANDOM_INIT_SEED", c.RANDOM_INIT_SEED, integer=True)
+    _check_number(k + "HEAD.NUM_LAYERS", c.HEAD.NUM_LAYERS, integer=True, low=1)
+    _check_number(k + "HEAD.NUM_HEADS", c.HEAD.NUM_HEADS, integer=True, low=1)
+    _check_number(k + "HEAD.DIM_FEEDFORWARD", c.HEAD.DIM_FEEDFORWARD, integer=True, low=1)
+    _check_number(k + "HEAD.DROPOUT", c.HEAD.DROPOUT, low=0, high=1, high_open=True)
+    _check_number(k + "TEXT.CHUNK_SIZE", c.TEXT.CHUNK_SIZE, integer=True, low=1)
+    _check_number(k + "TEST_IMS_PER_BATCH", c.TEST_IMS_PER_BATCH, integer=True, low=1)
+    _check_number("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, integer=True, low=1)
+    ratios = list(c.DATASET_RATIOS)
+    for i, r in enumerate(ratios):
+        _check_number(f"{k}DATASET_RATIOS[{i}]", r, low=0)
+    if ratios and sum(ratios) <= 0:
+        raise ValueError(f"{k}DATASET_RATIOS must have a positive sum, got {ratios}.")
+    _check_number(k + "SAM_AUTO.POINTS_PER_SIDE", c.SAM_AUTO.POINTS_PER_SIDE, integer=True, low=1)
+    _check_number(k + "SAM_AUTO.PRED_IOU_THRESH", c.SAM_AUTO.PRED_IOU_THRESH, low=0, high=1)
+    _check_number(k + "SAM_AUTO.STABILITY_SCORE_THRESH", c.SAM_AUTO.STABILITY_SCORE_THRESH, low=0, high=1)
+    _check_number(k + "SAM_AUTO.MIN_MASK_REGION_AREA", c.SAM_AUTO.MIN_MASK_REGION_AREA, integer=True, low=0)

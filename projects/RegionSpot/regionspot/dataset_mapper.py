@@ -1,19 +1,70 @@
 """Dataset mapper that keeps what RegionSpot needs: gt boxes at test time, cached SAM tokens in training."""
 import copy
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, BoxMode, Instances
 
+from .images import read_image
 from .token_cache import CorruptTokenFile, load_tokens, sam_weights_id, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
+
+# detectron2's `filter_empty_instances` drops boxes whose width or height is at most this.
+_EMPTY_BOX_THRESHOLD = 1e-5
+_warned_degenerate = set()
+
+
+def is_degenerate(annotation: Dict) -> bool:
+    """Whether a (non-crowd) annotation's box has zero or negative width or height, or NaN."""
+    if annotation.get("iscrowd", 0):
+        return False
+    b, mode = annotation.get("bbox"), annotation.get("bbox_mode")
+    if mode == BoxMode.XYWH_ABS:
+        w, h = b[2], b[3]
+    elif mode == BoxMode.XYXY_ABS:
+        w, h = b[2] - b[0], b[3] - b[1]
+    else:
+        return False
+    return not (w > _EMPTY_BOX_THRESHOLD and h > _EMPTY_BOX_THRESHOLD)
+
+
+def warn_degenerate_annotations(dataset_dicts: List[Dict], dataset_name: str, evaluation: bool = False) -> int:
+    """Count the annotations whose box has zero or negative width or height (or NaN), and warn
+    once per dataset and use (per process) with the count and the first of them. Returns the count.
+
+    Such a box is no region: the mapper drops it (detectron2's `filter_empty_instances`), so it
+    is never a prompt nor a training target, and token extraction drops it too. The dataset's
+    json keeps it, and the LVIS/COCO evaluators read their ground truth from there: with
+    `evaluation` the warning says that it still counts as a ground-truth object (a miss).
+    """
+    count, first = 0, None
+    for d in dataset_dicts:
+        for i, a in enumerate(d.get("annotations", ())):
+            if is_degenerate(a):
+                count += 1
+                if first is None:
+                    ann = f"annotation id {a['id']}" if "id" in a else f"annotation #{i}"
+                    first = (f"{ann} of image {d.get('image_id')} ({d.get('file_name', '?')}), bbox "
+                             f"{list(a['bbox'])} in {BoxMode(a['bbox_mode']).name}")
+    if count and (dataset_name, evaluation) not in _warned_degenerate:
+        _warned_degenerate.add((dataset_name, evaluation))
+        message = (f"Dataset {dataset_name!r}: {count} annotations have a box of zero or negative width or height "
+                   f"(first: {first}). They are left out of prompts, training and token extraction.")
+        if evaluation:
+            json_file = MetadataCatalog.get(dataset_name).get("json_file", None) or "the dataset's annotations"
+            message += (f" The evaluator reads its ground truth from {json_file}, where they remain: they still "
+                        "count as objects, which no prediction can match; fix or remove them there for a "
+                        "score that ignores them.")
+        logger.warning(message)
+    return count
+
 
 # Transforms under which a cached SAM token still describes the same image content at its box.
 _TOKEN_SAFE_TRANSFORMS = (T.ResizeTransform, T.CropTransform, T.NoOpTransform, T.ScaleTransform)
@@ -31,6 +82,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
     - with a token folder (cached training), boxes, classes and SAM tokens come together from the
       cache; only resizes and crops are allowed, and a crop drops every box it cuts together with
       its token, so tokens and the image CLIP sees never disagree;
+    - images are read by `images.read_image` (16-bit grayscale scaled, not clipped);
     - an unreadable image raises an error that names the file.
     """
 
@@ -81,7 +133,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
 
     def _read_image(self, dataset_dict: Dict) -> np.ndarray:
         try:
-            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+            image = read_image(dataset_dict["file_name"], format=self.image_format)
         except (OSError, ValueError) as e:
             e.add_note(f"Cannot read image {dataset_dict.get('file_name')!r}")
             raise
@@ -120,12 +172,29 @@ class RegionSpotDatasetMapper(DatasetMapper):
         d["sam_tokens"] = cache["tokens"][inside_t]
         return d
 
+    def _call_online(self, dataset_dict: Dict) -> Dict:
+        """`DatasetMapper.__call__` (no semantic segmentation) with our image reader: detectron2's
+        mapper reads through its own `read_image`, which clips 16-bit images."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        aug_input = T.AugInput(self._read_image(dataset_dict))
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.proposal_topk is not None:
+            utils.transform_proposals(dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk)
+        if "annotations" in dataset_dict:
+            # Before any transform: a resize would turn a negative-width box into a valid mirrored one.
+            dataset_dict["annotations"] = [a for a in dataset_dict["annotations"] if not is_degenerate(a)]
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict
+
     def __call__(self, dataset_dict: Dict) -> Dict:
         if self.token_folder is not None:
             out = self._call_cached(dataset_dict)
         else:
             try:
-                out = super().__call__(dataset_dict)
+                out = self._call_online(dataset_dict)
             except Exception as e:  # name the image; the exception itself stays as it was
                 e.add_note(f"while mapping image {dataset_dict.get('file_name')!r}")
                 raise

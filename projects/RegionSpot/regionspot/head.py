@@ -33,6 +33,9 @@ class RegionSpotHead(nn.Module):
             num_layers, num_heads, dim_feedforward, dropout: the transformer decoder's shape.
         """
         super().__init__()
+        if clip_width % num_heads:
+            raise ValueError(f"MODEL.REGIONSPOT.HEAD.NUM_HEADS ({num_heads}) must divide CLIP's width "
+                             f"({clip_width}), the head's model width.")
         self.to_clip = nn.Linear(token_dim, clip_width)
         # Post-norm ReLU layers without positional embeddings; each layer is self-attention among
         # one image's regions, cross-attention to CLIP's tokens, then the feed-forward block.

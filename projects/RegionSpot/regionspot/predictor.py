@@ -5,35 +5,33 @@ of prompt sets (boxes, points, or both) against any vocabulary, reusing those fe
 embeddings are cached per vocabulary, so switching vocabularies costs nothing after the first use.
 """
 import logging
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.config import CfgNode, configurable, get_cfg
+from detectron2.config import CfgNode, configurable
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import build_augmentation, read_image
+from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
-from .config import add_regionspot_config
-from .meta_arch import RegionSpot, sanitize_boxes
+from .config import load_config
+from .images import pil_to_numpy, read_image, to_uint8_image
+from .meta_arch import RegionSpot
+from .prompt_sources import SamAutoBoxes
+from .region_pipeline import sanitize_boxes, top_classes, top_pairs
 from .structures import IndexedMasks
-from .text_embeddings import cached_class_embeddings, parse_vocabulary
+from .vocabulary import VocabularyLike
 
 logger = logging.getLogger(__name__)
 
 # An image: an (H, W, 3) or (H, W) array, a PIL image, a (3, H, W) tensor, or a file path.
 ImageLike = Union[np.ndarray, Image.Image, torch.Tensor, str]
-# A vocabulary: a spec ("lvis", "coco", "custom", a dataset name, an embedding file), or a list
-# of class names, each optionally a list [name, synonym, ...] whose embeddings are averaged.
-VocabularyLike = Union[str, Sequence[Union[str, Sequence[str]]]]
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence]
 
 
@@ -64,6 +62,7 @@ class RegionResults:
     topk_scores: torch.Tensor  # (N, k) class probabilities (times the prompt score, if given)
     prompt_indices: torch.Tensor  # (N,) index of each region's prompt in the input
     vocabulary: List[str]
+    class_scores: Optional[torch.Tensor] = None  # (N, C) scores of every class (for `to_detections`)
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -94,28 +93,29 @@ class RegionResults:
             item = item.to(self.boxes.device)
         return RegionResults(
             self.image_size, self.boxes[item], None if self.masks is None else self.masks[item],
-            self.topk_classes[item],
-            self.topk_scores[item], self.prompt_indices[item], self.vocabulary,
+            self.topk_classes[item], self.topk_scores[item], self.prompt_indices[item], self.vocabulary,
+            None if self.class_scores is None else self.class_scores[item],
         )
 
     def to(self, device: Union[str, torch.device]) -> "RegionResults":
         return RegionResults(
             self.image_size, self.boxes.to(device), None if self.masks is None else self.masks.to(device),
-            self.topk_classes.to(device),
-            self.topk_scores.to(device), self.prompt_indices.to(device), self.vocabulary,
+            self.topk_classes.to(device), self.topk_scores.to(device), self.prompt_indices.to(device),
+            self.vocabulary, None if self.class_scores is None else self.class_scores.to(device),
         )
 
     def cpu(self) -> "RegionResults":
         return self.to("cpu")
 
     def to_instances(self, classes_per_region: int = 1) -> Instances:
-        """detectron2 `Instances` of the image, sorted by score.
+        """detectron2 `Instances` of the image by the per-region policy, sorted by score.
 
         With `classes_per_region` = 1, one instance per region, with the fields `pred_boxes`,
         `scores`, `pred_classes`, `pred_masks` (when predicted), `topk_classes`, `topk_scores` and
         `prompt_indices`.
-        With K > 1, each region gives its K best (box, class) pairs, as RegionSpot's evaluation
-        does; pairs of one region share one mask (`IndexedMasks`) instead of copying it.
+        With K > 1, each region gives its K best classes as K (box, class) pairs; pairs of one
+        region share one mask (`IndexedMasks`) instead of copying it. Evaluation's per-image
+        policy (the best pairs of the whole image) is `to_detections`.
         """
         k = self.topk_classes.shape[1]
         if not 1 <= classes_per_region <= k:
@@ -139,6 +139,22 @@ class RegionResults:
         inst.pred_boxes = Boxes(self.boxes[region])
         inst.scores = scores[order]
         inst.pred_classes = self.topk_classes[:, :classes_per_region].flatten()[order]
+        if self.masks is not None:
+            inst.pred_masks = IndexedMasks(self.masks, region)
+        inst.prompt_indices = self.prompt_indices[region]
+        return inst
+
+    def to_detections(self, max_dets: int = 300) -> Instances:
+        """detectron2 `Instances` by evaluation's per-image policy (`top_pairs`): the image's
+        `max_dets` best (box, class) pairs over every class of every region, as `--eval-only` keeps
+        them; a region may appear with several classes, sharing one mask."""
+        if self.class_scores is None:
+            raise ValueError("These results hold no per-class scores: predict() them anew.")
+        region, classes, scores = top_pairs(self.class_scores, max_dets)
+        inst = Instances(self.image_size)
+        inst.pred_boxes = Boxes(self.boxes[region])
+        inst.scores = scores
+        inst.pred_classes = classes
         if self.masks is not None:
             inst.pred_masks = IndexedMasks(self.masks, region)
         inst.prompt_indices = self.prompt_indices[region]
@@ -198,6 +214,7 @@ class RegionSpotPredictor:
         top_k: int = 5,
         max_cached_vocabularies: int = 16,
         test_augmentations: Optional[Sequence[T.Augmentation]] = None,
+        sam_auto: Optional[SamAutoBoxes] = None,
     ):
         """
         Args:
@@ -205,24 +222,26 @@ class RegionSpotPredictor:
             vocabulary: the vocabulary `predict` uses when given none (None = the model's own,
                 MODEL.REGIONSPOT.VOCABULARY).
             top_k: how many classes `predict` keeps per region by default.
-            max_cached_vocabularies: lists of names whose embeddings are kept in memory (the
-                least recently used is dropped first; the on-disk cache keeps them all).
+            max_cached_vocabularies: vocabularies whose embeddings the model's `Vocabulary` keeps
+                in memory (the least recently used is dropped first; the on-disk cache keeps all).
             test_augmentations: the resize applied to each image before the encoders, as the
                 test loader does (`from_config`: detectron2's `build_augmentation(cfg, False)`,
                 i.e. ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)). None =
                 detectron2's default ResizeShortestEdge(800, 1333); [] = none. Prompts and
                 results stay in the original image's pixels either way.
+            sam_auto: the automatic-mask prompt source `sam_auto_boxes` uses (`from_config`: the
+                MODEL.REGIONSPOT.SAM_AUTO settings; None = SAM's own defaults).
         """
         if not isinstance(model, RegionSpot):
             raise TypeError(f"RegionSpotPredictor needs a RegionSpot model, got {type(model).__name__}.")
         self.model = model.eval()
         self.default_vocabulary = vocabulary
         self.top_k = self._check_top_k(top_k)
-        self.max_cached_vocabularies = max(1, int(max_cached_vocabularies))
+        model.vocabulary.max_cached = max(1, int(max_cached_vocabularies))
         if test_augmentations is None:
             test_augmentations = [T.ResizeShortestEdge(800, 1333)]
         self.test_augmentations = T.AugmentationList(list(test_augmentations))
-        self._vocabularies: "OrderedDict[tuple, Tuple[List[str], torch.Tensor]]" = OrderedDict()
+        self.sam_auto = sam_auto if sam_auto is not None else SamAutoBoxes(params={})
         self._features: Optional[ImageFeatures] = None
         self._image: Optional[np.ndarray] = None
 
@@ -231,13 +250,15 @@ class RegionSpotPredictor:
         if model is None:
             model = build_model(cfg)  # already on cfg.MODEL.DEVICE
             if cfg.MODEL.WEIGHTS:
-                RegionSpotCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+                RegionSpotCheckpointer(model, allow_random_head=cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD).load(
+                    cfg.MODEL.WEIGHTS)
             else:
                 logger.warning("MODEL.WEIGHTS is empty: RegionSpot's head is randomly initialised, "
                                "so its classes are meaningless.")
         vocabulary = cfg.MODEL.REGIONSPOT.VOCABULARY or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
         return {"model": model, "vocabulary": vocabulary,
-                "test_augmentations": build_augmentation(cfg, is_train=False), **kwargs}
+                "test_augmentations": build_augmentation(cfg, is_train=False), "sam_auto": SamAutoBoxes(cfg),
+                **kwargs}
 
     @classmethod
     def from_config_file(
@@ -245,12 +266,7 @@ class RegionSpotPredictor:
     ) -> "RegionSpotPredictor":
         """Build from a RegionSpot YAML config, a checkpoint (None = the config's MODEL.WEIGHTS)
         and "KEY VALUE" overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"Config file not found: {config_file}")
-        cfg = get_cfg()
-        add_regionspot_config(cfg)
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
+        cfg = load_config(config_file, opts, freeze=False)
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
         cfg.freeze()
@@ -267,18 +283,19 @@ class RegionSpotPredictor:
         if isinstance(image, str):
             return read_image(image, format="RGB")  # a file is decoded as RGB whatever `format` says
         if isinstance(image, Image.Image):
-            return np.asarray(image.convert("RGB"))
+            return pil_to_numpy(image, "RGB", "The PIL image")
         if isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"An image tensor must be (3, H, W), got {tuple(image.shape)}.")
-            image = image.detach().permute(1, 2, 0).cpu().numpy()
+            image = image.detach()
+            image = image.float() if image.dtype == torch.bfloat16 else image  # numpy has no bfloat16
+            image = image.permute(1, 2, 0).cpu().numpy()
         arr = np.asarray(image)
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"An image must be (H, W, 3) or (H, W), got shape {arr.shape}.")
-        if not np.isfinite(arr).all():
-            raise ValueError("The image has NaN or infinite pixel values.")
+        arr = to_uint8_image(arr, "The image")
         if format == "BGR":
             arr = arr[:, :, ::-1]
         return np.ascontiguousarray(arr)
@@ -306,8 +323,11 @@ class RegionSpotPredictor:
         """Run the frozen SAM and CLIP image encoders on `image`, once, for later `predict` calls.
 
         Args:
-            image: (H, W, 3) uint8 array in `format` channel order (or (H, W) grayscale), a PIL
-                image, a (3, H, W) tensor in `format` order, or an image file path.
+            image: (H, W, 3) array in `format` channel order (or (H, W) grayscale), a PIL
+                image, a (3, H, W) tensor in `format` order, or an image file path. Arrays and
+                tensors are uint8 in [0, 255], uint16 (scaled by 255/65535) or float in [0, 1]
+                (scaled by 255); other dtypes and ranges raise ValueError (`images.to_uint8_image`).
+                Files and PIL images of 16-bit grayscale are scaled too (`images.read_image`).
             format: "RGB" or "BGR" (as `cv2.imread` gives).
         """
         rgb = self._to_rgb_array(image, format)
@@ -330,36 +350,9 @@ class RegionSpotPredictor:
 
     # ------------------------------------------------------------------ vocabularies
     def vocabulary_embeddings(self, vocabulary: Optional[VocabularyLike] = None) -> Tuple[List[str], torch.Tensor]:
-        """(class names, (C, D) text embeddings on the model's device) of a vocabulary.
-
-        A string goes to the model (its in-memory cache is per spec); a list of names is cached
-        here, keyed by the CLIP fingerprint and the names, and on disk by `cached_class_embeddings`.
-        """
-        if vocabulary is None:
-            vocabulary = self.default_vocabulary
-        if vocabulary is None:
-            return self.model.text_embeddings(None)  # raises, saying how to set one
-        if isinstance(vocabulary, str):
-            if not vocabulary.strip():
-                raise ValueError("The vocabulary is an empty string: give a spec, a file or a list of names.")
-            return self.model.text_embeddings(vocabulary)
-        if not isinstance(vocabulary, (list, tuple)):
-            raise TypeError(f"A vocabulary is a spec string or a list of class names, not {type(vocabulary).__name__}.")
-        names, groups = parse_vocabulary(vocabulary, "the vocabulary list")
-        # The fingerprint changes when new CLIP weights are loaded: then the names are encoded anew.
-        key = (self.model.fingerprint, tuple(names), None if groups is None else tuple(map(tuple, groups)))
-        if key in self._vocabularies:
-            self._vocabularies.move_to_end(key)
-        else:
-            m = self.model
-            emb = cached_class_embeddings(
-                m._encode_text, m.fingerprint, names, m.templates, m.text_cache_dir,
-                m.text_chunk_size, synonyms=groups,
-            )
-            self._vocabularies[key] = (names, emb.to(self.device))
-            while len(self._vocabularies) > self.max_cached_vocabularies:
-                self._vocabularies.popitem(last=False)
-        return self._vocabularies[key]
+        """(class names, (C, D) text embeddings on the model's device) of a vocabulary (None = the
+        predictor's default), resolved and cached by the model's `Vocabulary`."""
+        return self.model.vocabulary.embeddings(self.default_vocabulary if vocabulary is None else vocabulary)
 
     def metadata(self, vocabulary: Optional[VocabularyLike] = None) -> Metadata:
         """detectron2 `Metadata` whose `thing_classes` are the vocabulary's names (for `Visualizer`)."""
@@ -452,8 +445,11 @@ class RegionSpotPredictor:
         """Classify regions of the image given to `set_image`, reusing its features.
 
         Args:
-            boxes: (N, 4) XYXY boxes in image pixels (or one box of shape (4,)). Boxes are clipped
-                to the image; those with no area left are dropped with a warning.
+            boxes: (N, 4) XYXY boxes in image pixels (or one box of shape (4,)), a detectron2
+                `Boxes`, or an `Instances` of this image (e.g. a `DefaultPredictor`'s detections:
+                its `pred_boxes`, `proposal_boxes` or `gt_boxes`, and its `scores` as
+                `prompt_scores` unless those are given). Empty is fine: no regions. Boxes are
+                clipped to the image; those with no area left are dropped with a warning.
             points: (N, P, 2) XY points, P per region; (P, 2) means one region, as in SAM.
             point_labels: (N, P) (or (P,)): 1 foreground, 0 background, -1 padding.
                 With both boxes and points, region i is box i together with its points.
@@ -462,15 +458,34 @@ class RegionSpotPredictor:
                 may be [name, synonym, ...] to average the synonyms' embeddings).
             top_k: classes kept per region (default: the predictor's `top_k`); capped at the
                 vocabulary's size.
-            prompt_scores: (N,) scores of the prompts (e.g. a detector's), multiplied into the
-                class probabilities.
+            prompt_scores: (N,) non-negative scores of the prompts (e.g. a detector's confidence),
+                multiplied into each region's class probabilities, so `scores` rank regions by
+                "is an object" times "is this class", as evaluation with proposals does.
             return_masks: paste SAM's masks at the image size (default: MODEL.REGIONSPOT.MASK_ON).
                 Point-prompted regions need them for their boxes, so they always get them.
         Returns:
             `RegionResults` of the kept prompts, in prompt order.
         """
+        boxes, prompt_scores = self._unpack_boxes(boxes, prompt_scores, self.features.image_size)
         return self._predict(self.features, boxes, points, point_labels, vocabulary, top_k, prompt_scores,
                              return_masks)
+
+    @staticmethod
+    def _unpack_boxes(boxes, prompt_scores, image_size):
+        """detectron2 `Boxes` / `Instances` prompts -> a box tensor and scores."""
+        if isinstance(boxes, Instances):
+            if tuple(boxes.image_size) != tuple(image_size):
+                raise ValueError(f"The Instances given as boxes are of a {boxes.image_size} image, not of the "
+                                 f"{tuple(image_size)} image set with set_image().")
+            field = next((f for f in ("pred_boxes", "proposal_boxes", "gt_boxes") if boxes.has(f)), None)
+            if field is None:
+                raise ValueError("The Instances given as boxes have no pred_boxes, proposal_boxes or gt_boxes.")
+            if prompt_scores is None and boxes.has("scores"):
+                prompt_scores = boxes.scores
+            boxes = boxes.get(field)
+        if isinstance(boxes, Boxes):
+            boxes = boxes.tensor
+        return boxes, prompt_scores
 
     @torch.no_grad()
     def _predict(self, feats: ImageFeatures, boxes, points, point_labels, vocabulary, top_k, prompt_scores,
@@ -479,26 +494,21 @@ class RegionSpotPredictor:
         top_k = self._check_top_k(self.top_k if top_k is None else top_k)
         prompts = self._prepare_prompts(feats.image_size, boxes, points, point_labels, prompt_scores)
         names, text_emb = self.vocabulary_embeddings(vocabulary)
-        with model._autocast():
-            tokens, low_res = model.sam_encoder.decode_prompts(
-                feats.sam_embedding, feats.encoded_size, boxes=_transformed(feats.transform, prompts["boxes"], True),
-                points=_transformed(feats.transform, prompts["points"], False), point_labels=prompts["point_labels"],
-            )
-        region_emb = model.embed_regions([tokens.float()], feats.clip_tokens[None])[0]
-        probs = model.classify(region_emb, text_emb).softmax(dim=-1)
-        if prompts["scores"] is not None:
-            probs = probs * prompts["scores"][:, None]
-        topk_scores, topk_classes = probs.topk(min(top_k, len(names)), dim=-1)
+        tokens, low_res = model.decode_regions(
+            feats.sam_embedding, feats.encoded_size, boxes=_transformed(feats.transform, prompts["boxes"], True),
+            points=_transformed(feats.transform, prompts["points"], False), point_labels=prompts["point_labels"])
+        region_emb = model.embed_regions([tokens], feats.clip_tokens[None])[0]
+        probs = model.probabilities(region_emb, text_emb, prompts["scores"])
+        topk_scores, topk_classes = top_classes(probs, top_k)
         masks = None
         if (model.mask_on if return_masks is None else return_masks) or prompts["boxes"] is None:
-            masks = model.sam_encoder.paste_masks(low_res, feats.input_size, feats.image_size,
-                                                  fast=model.fast_mask_paste)
+            masks = model.paste_masks(low_res, feats.input_size, feats.image_size)
         out_boxes = prompts["boxes"]
         if out_boxes is None:
             out_boxes = self._boxes_of_points(masks, prompts["points"], prompts["point_labels"])
         return RegionResults(
             image_size=tuple(feats.image_size), boxes=out_boxes, masks=masks, topk_classes=topk_classes,
-            topk_scores=topk_scores, prompt_indices=prompts["indices"], vocabulary=list(names),
+            topk_scores=topk_scores, prompt_indices=prompts["indices"], vocabulary=list(names), class_scores=probs,
         )
 
     @staticmethod
@@ -528,7 +538,8 @@ class RegionSpotPredictor:
             raise RuntimeError("No image is set: call set_image(image) before sam_auto_boxes().")
         f = self._features
         image = torch.from_numpy(np.array(f.transform.apply_image(self._image))).permute(2, 0, 1)
-        boxes = self.model.sam_encoder.auto_boxes(image, f.sam_embedding, f.input_size, self.model.sam_auto_params)
+        boxes = self.sam_auto([{}], [image.to(self.device)], (f.sam_embedding[None], [f.input_size], None),
+                              self.model)[0][0]
         return _transformed(f.transform.inverse(), boxes, True)
 
     # ------------------------------------------------------------------ many images
@@ -564,8 +575,9 @@ class RegionSpotPredictor:
                 rgbs = [self._to_rgb_array(img, format) for img in images[start:start + batch_size]]
                 for j, f in enumerate(self._encode(rgbs)):
                     i = start + j
-                    yield self._predict(f, pick(boxes, i), pick(points, i), pick(point_labels, i),
-                                        vocabulary, top_k, pick(prompt_scores, i), return_masks)
+                    b, s = self._unpack_boxes(pick(boxes, i), pick(prompt_scores, i), f.image_size)
+                    yield self._predict(f, b, pick(points, i), pick(point_labels, i), vocabulary, top_k, s,
+                                        return_masks)
                     bar.update(1)
 
     def predict_batch(self, images: Sequence[ImageLike], **kwargs) -> List[RegionResults]:

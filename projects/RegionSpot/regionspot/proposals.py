@@ -28,8 +28,21 @@ def _to_logits(scores: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def check_finite_proposals(path: str, image, boxes: np.ndarray, scores: np.ndarray,
+                           scores_name: str = "scores") -> None:
+    """Raise ValueError naming the proposals file, the image and the rows whose boxes or scores
+    are NaN or infinite (they would stop evaluation deep inside detectron2, or score as NaN)."""
+    boxes, scores = np.asarray(boxes, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    for what, values in (("boxes", boxes.reshape(len(boxes), -1)), (scores_name, scores.reshape(len(scores), -1))):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad.size:
+            raise ValueError(f"Proposal file {path}: image {image} has NaN or infinite {what} at rows "
+                             f"{bad[:10].tolist()}{' ...' if bad.size > 10 else ''}.")
+
+
 def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """image id (as str) -> (boxes (N, 4) XYXY_ABS float32, scores (N,) float32)."""
+    """image id (as str) -> (boxes (N, 4) XYXY_ABS float32, scores (N,) float32), all finite
+    (else ValueError naming the file and the image)."""
     with PathManager.open(path, "r") as f:
         try:
             data = json.load(f)
@@ -65,10 +78,15 @@ def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np
             scores.extend(s)
         else:
             raise ValueError(f"Proposal file {path}: entry {i} has neither 'bbox' nor 'boxes'.")
-    return {
-        k: (np.asarray(b, dtype=np.float32).reshape(-1, 4), np.asarray(s, dtype=np.float32))
-        for k, (b, s) in per_image.items()
-    }
+    table = {}
+    for k, (b, s) in per_image.items():
+        try:
+            b, s = np.asarray(b, dtype=np.float32).reshape(-1, 4), np.asarray(s, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Proposal file {path}: image {k} has boxes or scores that are not numbers ({e}).") from e
+        check_finite_proposals(path, k, b, s)
+        table[k] = (b, s)
+    return table
 
 
 def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error",
@@ -92,6 +110,11 @@ def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error
         if lacking and missing == "error":
             _raise_missing(lacking, path)
         load_proposals_into_dataset(have, path)
+        for d in have:
+            # NaN logits are refused; +-inf logits are scores of exactly 1 or 0, which sigmoid keeps.
+            check_finite_proposals(path, f"{d['image_id']} ({d.get('file_name', '?')})", d["proposal_boxes"],
+                                   np.nan_to_num(d["proposal_objectness_logits"], nan=np.nan, posinf=0, neginf=0),
+                                   "objectness logits")
     else:
         table = read_json_proposals(path, box_mode)
         lacking = [d for d in dataset_dicts if str(d["image_id"]) not in table]

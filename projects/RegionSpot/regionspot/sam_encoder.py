@@ -21,6 +21,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
+from .config import check_regionspot_config
 from .sam_attention import use_fused_attention
 from .weights import load_weights_file
 
@@ -76,12 +77,20 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint")
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint (MODEL.REGIONSPOT.SAM.CHECKPOINT)")
         state = state.get("model", state)
-        missing, unexpected = sam.load_state_dict(state, strict=False)
+        try:
+            if not isinstance(state, dict):
+                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
+            missing, unexpected = sam.load_state_dict(state, strict=False)
+        except Exception as e:  # other shapes, non-tensor values, ...
+            raise RuntimeError(
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type "
+                f"{sam_type!r}: {type(e).__name__}: {e}"
+            ) from e
         if missing or unexpected:
             raise RuntimeError(
-                f"SAM checkpoint {checkpoint} does not fit SAM type {sam_type!r}: "
+                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type {sam_type!r}: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
             )
@@ -110,6 +119,7 @@ class _PrecomputedSamPredictor(SamPredictor):
 
 def build_sam_encoder(cfg) -> "SamRegionEncoder":
     """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode)."""
+    check_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
     sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
     return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
@@ -267,6 +277,24 @@ class SamRegionEncoder(nn.Module):
         if low_res.shape[0] == 0:
             return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
         return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
+
+    def box_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], image_size: Tuple[int, int],
+                  boxes: torch.Tensor, size: int = 112) -> torch.Tensor:
+        """Mask probabilities (N, 1, size, size) on a grid over each box (XYXY in `image_size`
+        pixels), sampled from SAM's low-res logits: the box-local masks detectron2's
+        `detector_postprocess` pastes (threshold 0.5, i.e. SAM's logit threshold 0)."""
+        if boxes.shape[0] == 0:
+            return low_res.new_zeros((0, 1, size, size), dtype=torch.float32)
+        S = float(self.image_size)
+        steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # (size,)
+        x0, y0, x1, y1 = boxes.float().unbind(dim=1)
+        xs = x0[:, None] + (x1 - x0)[:, None] * steps  # (N, size) image pixels
+        ys = y0[:, None] + (y1 - y0)[:, None] * steps
+        gx = xs * (input_size[1] / image_size[1]) * (2.0 / S) - 1.0
+        gy = ys * (input_size[0] / image_size[0]) * (2.0 / S) - 1.0
+        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
+        logits = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (logits - self.sam.mask_threshold).sigmoid()
 
     def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
                      fast: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from tqdm import tqdm
 
-from .file_io import atomic_torch_save
+from .file_io import atomic_torch_save, content_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ TEMPLATE_SETS = {
 # Built-in vocabularies: the detectron2 datasets whose metadata holds their class names.
 BUILTIN_VOCABULARIES = {"lvis": "lvis_v1_val", "coco": "coco_2017_val"}
 _NAME_SUFFIXES = ("-other", "-merged", "-stuff")
-FILE_FORMAT = "regionspot-text-embeddings-v1"
+# v2 files carry a content checksum ("sha256"); v1 files (no checksum) are still read, see
+# `load_embedding_file`.
+FILE_FORMAT = "regionspot-text-embeddings-v2"
+_OLD_FILE_FORMATS = ("regionspot-text-embeddings-v1",)
 # Part of every cache key: bumped whenever the way embeddings are computed changes.
 _EMBEDDING_VERSION = "mean-then-normalise"
 
@@ -227,33 +230,72 @@ def default_cache_dir() -> str:
     return os.environ.get("REGIONSPOT_CACHE", os.path.expanduser("~/.cache/regionspot"))
 
 
+def _payload_checksum(payload: dict) -> str:
+    return content_checksum(payload["clip"], list(payload["names"]), list(payload["templates"]),
+                            payload.get("synonyms"), payload["embeddings"])
+
+
+def check_finite_embeddings(emb: torch.Tensor, names: Sequence[str], where: str) -> None:
+    """Raise RuntimeError naming the rows (and their classes) of `emb` that hold NaN or inf."""
+    bad = (~torch.isfinite(emb)).any(dim=-1).nonzero().flatten().tolist()
+    if bad:
+        shown = [f"{i} ({names[i]!r})" if i < len(names) else str(i) for i in bad[:10]]
+        raise RuntimeError(f"{where} has NaN or infinite embeddings in {len(bad)} rows: "
+                           f"{', '.join(shown)}{' ...' if len(bad) > 10 else ''}.")
+
+
 def save_embedding_file(path: str, names: Sequence[str], embeddings: torch.Tensor,
                         fingerprint: str, templates: Sequence[str],
                         synonyms: Optional[Sequence[Sequence[str]]] = None) -> None:
     """Write an embedding file atomically: readers never see a half-written file.
 
-    `synonyms`, when the embeddings average each class's synonyms, is recorded with them.
+    `synonyms`, when the embeddings average each class's synonyms, is recorded with them. A
+    checksum of the content is stored too; `load_embedding_file` verifies it.
     """
+    embeddings = embeddings.detach().float().cpu().contiguous()
+    check_finite_embeddings(embeddings, names, f"The embeddings to write to {path}")
     payload = {"format": FILE_FORMAT, "clip": fingerprint, "names": list(names),
-               "templates": list(templates), "embeddings": embeddings.detach().float().cpu()}
+               "templates": list(templates), "embeddings": embeddings}
     if synonyms is not None:
         payload["synonyms"] = [list(g) for g in synonyms]
+    payload["sha256"] = _payload_checksum(payload)
     atomic_torch_save(payload, path)
 
 
-def load_embedding_file(path: str, fingerprint: Optional[str] = None) -> dict:
-    """Read an embedding file, checking its format, shape and (if given) the CLIP it was made with."""
+def load_embedding_file(path: str, fingerprint: Optional[str] = None, require_checksum: bool = False) -> dict:
+    """Read an embedding file, checking its format, shape, content checksum, that every row is
+    finite and (if given) the CLIP it was made with. Each failure raises naming the file.
+
+    A file of the older format without a checksum cannot be verified: with `require_checksum`
+    (the cache, which can recompute) it is refused; otherwise it is read with a warning.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"Text-embedding file not found: {path}") from None
     except Exception as e:
         raise RuntimeError(f"Text-embedding file {path} is corrupt or truncated ({e}).") from e
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in (FILE_FORMAT, *_OLD_FILE_FORMATS):
         raise RuntimeError(f"{path} is not a RegionSpot text-embedding file.")
-    emb, names = payload["embeddings"], payload["names"]
-    if emb.ndim != 2 or emb.shape[0] != len(names):
-        raise RuntimeError(f"Text-embedding file {path} is inconsistent: {emb.shape[0]} rows for {len(names)} names.")
+    emb, names = payload.get("embeddings"), payload.get("names")
+    if not isinstance(emb, torch.Tensor) or not isinstance(names, list) or emb.ndim != 2 \
+            or emb.shape[0] != len(names):
+        rows = emb.shape[0] if isinstance(emb, torch.Tensor) and emb.ndim else "no"
+        raise RuntimeError(f"Text-embedding file {path} is inconsistent: {rows} rows for "
+                           f"{len(names) if isinstance(names, list) else 'no'} names.")
+    if fmt in _OLD_FILE_FORMATS:
+        if require_checksum:
+            raise RuntimeError(f"Text-embedding file {path} has the older format without a checksum, "
+                               "so its content cannot be verified.")
+        logger.warning(f"Text-embedding file {path} has the older format without a checksum: its content "
+                       "cannot be verified. Re-create it with tools/dump_text_embeddings.py.")
+    elif payload.get("sha256") != _payload_checksum(payload):
+        raise RuntimeError(
+            f"Text-embedding file {path} is corrupt: its content no longer matches the checksum stored "
+            "when it was written. Re-create it with tools/dump_text_embeddings.py."
+        )
+    check_finite_embeddings(emb, names, f"Text-embedding file {path}")
     if fingerprint is not None and payload["clip"] != fingerprint:
         raise ValueError(
             f"Text-embedding file {path} was made with another CLIP model (fingerprint "
@@ -275,13 +317,20 @@ def encode_class_names(
     averaging.)
 
     Prompts are encoded `chunk_size` at a time, so memory does not grow with the vocabulary.
+    Raises RuntimeError naming the classes whose embeddings came out NaN or infinite.
     """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"The text chunk size (MODEL.REGIONSPOT.TEXT.CHUNK_SIZE) must be a positive integer, "
+                         f"got {chunk_size!r}.")
     prompts = [t.format(clean_class_name(n)) for n in names for t in templates]
     chunks = [prompts[i:i + chunk_size] for i in range(0, len(prompts), chunk_size)]
     out = []
     for chunk in tqdm(chunks, desc="encoding class names", unit="chunk", disable=len(chunks) < 4):
         out.append(encode_text(chunk).float().cpu())
     emb = torch.cat(out).view(len(names), len(templates), -1).mean(dim=1)
+    # Checked before normalising, which would hide an infinite value as NaN or a finite one.
+    check_finite_embeddings(emb, names, "CLIP's text encoder (check the CLIP weights; with "
+                            "MODEL.REGIONSPOT.AUTOCAST fp16 it may overflow: try bf16 or '')")
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
@@ -328,13 +377,13 @@ def cached_class_embeddings(
     path = os.path.join(cache_dir, "text", f"{key}.pth")
     if os.path.exists(path):
         try:
-            payload = load_embedding_file(path, fingerprint)
+            payload = load_embedding_file(path, fingerprint, require_checksum=True)
             if (list(payload["names"]) == list(names) and list(payload["templates"]) == list(templates)
                     and payload.get("synonyms") == synonyms):
                 return payload["embeddings"]
             logger.warning(f"Text-embedding cache {path} holds other names; encoding again.")
         except (RuntimeError, ValueError) as e:
-            logger.warning(f"Ignoring unreadable text-embedding cache file ({e}); encoding again.")
+            logger.warning(f"Ignoring the text-embedding cache file {path}: {e} Encoding again.")
     what = f"{len(names)} class names" if synonyms is None else \
         f"{len(names)} classes ({sum(len(g) for g in synonyms)} synonyms)"
     logger.info(f"Encoding {what} x {len(templates)} templates (cache: {path}).")

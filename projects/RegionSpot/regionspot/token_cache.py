@@ -3,7 +3,8 @@
 SAM is frozen, so the position-aware token of every ground-truth box can be computed once and
 training can skip SAM entirely. A file holds the tokens (fp16) together with the boxes and classes
 they belong to, so tokens can never be paired with the wrong box. Files are written atomically and
-validated on read: a truncated or corrupt file is detected, never silently used.
+validated on read (format, shapes, a sha256 checksum of the content stored at write time, finite
+tokens): a truncated, corrupt or bit-rotten file is detected, never silently used.
 """
 import hashlib
 import json
@@ -13,10 +14,14 @@ from typing import Dict, Optional
 
 import torch
 
-from .file_io import atomic_torch_save
+from .file_io import atomic_torch_save, content_checksum
 from .text_embeddings import default_cache_dir
 
-FORMAT = "regionspot-sam-tokens-v1"
+# v2 adds the content checksum ("sha256"). v1 files (no checksum) cannot be verified, so they are
+# treated as stale: extraction redoes them, cached training refuses them by name.
+FORMAT = "regionspot-sam-tokens-v2"
+_OLD_FORMATS = ("regionspot-sam-tokens-v1",)
+_CHECKED_FIELDS = ("image_id", "file_name", "source", "image_size", "sam_type", "tokens", "boxes", "classes")
 
 
 class CorruptTokenFile(RuntimeError):
@@ -67,7 +72,12 @@ def save_tokens(path: str, *, image_id, file_name: str, image_size, tokens: torc
         "boxes": boxes.detach().to("cpu", torch.float32).contiguous(),
         "classes": classes.detach().to("cpu", torch.int64).contiguous(),
     }
+    payload["sha256"] = _checksum(payload)
     atomic_torch_save(payload, path)
+
+
+def _checksum(payload: Dict) -> str:
+    return content_checksum(*(payload.get(k) for k in _CHECKED_FIELDS))
 
 
 def load_tokens(path: str, image_id=None) -> Dict:
@@ -78,12 +88,23 @@ def load_tokens(path: str, image_id=None) -> Dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CorruptTokenFile(f"SAM token cache file {path} is truncated or corrupt ({type(e).__name__}: {e}).") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt in _OLD_FORMATS:
+        raise CorruptTokenFile(
+            f"SAM token cache file {path} has the older format without a checksum, so its content cannot "
+            "be verified: rerun tools/extract_sam_tokens.py (it redoes such files)."
+        )
+    if fmt != FORMAT:
         raise CorruptTokenFile(f"{path} is not a RegionSpot SAM token file.")
     t, b, c = payload.get("tokens"), payload.get("boxes"), payload.get("classes")
     if not all(isinstance(x, torch.Tensor) for x in (t, b, c)) or t.ndim != 2 or b.shape != (t.shape[0], 4) \
             or c.shape != (t.shape[0],):
         raise CorruptTokenFile(f"SAM token cache file {path} has inconsistent shapes.")
+    if payload.get("sha256") != _checksum(payload):
+        raise CorruptTokenFile(
+            f"SAM token cache file {path} is corrupt: its content no longer matches the checksum stored when "
+            "it was written. Rerun tools/extract_sam_tokens.py (it redoes corrupt files)."
+        )
     if not torch.isfinite(t.float()).all():
         raise CorruptTokenFile(f"SAM token cache file {path} holds non-finite tokens.")
     if image_id is not None and str(payload["image_id"]) != str(image_id):

@@ -1,8 +1,7 @@
 """Run frozen SAM over a dataset's ground-truth boxes and cache the region tokens per image."""
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from detectron2.data import DatasetCatalog
@@ -10,8 +9,8 @@ from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from .dataset_mapper import RegionSpotDatasetMapper
-from .meta_arch import sanitize_boxes
+from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
+from .region_pipeline import frozen_precision, sanitize_boxes
 from .sam_encoder import SamRegionEncoder
 from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
 
@@ -51,7 +50,7 @@ def extract_tokens(
     *,
     shard: int = 0,
     num_shards: int = 1,
-    autocast_dtype: Optional[torch.dtype] = None,
+    autocast: str = "",
 ) -> ExtractionSummary:
     """Extract and cache tokens for this process's part of `dataset_name`.
 
@@ -61,7 +60,9 @@ def extract_tokens(
     """
     device = next(sam_encoder.parameters()).device
     folder = token_cache_folder(output_root, dataset_name, cfg.MODEL.REGIONSPOT.SAM.TYPE)
-    dicts = shard_of(DatasetCatalog.get(dataset_name), shard, num_shards, comm.get_rank(), comm.get_world_size())
+    all_dicts = DatasetCatalog.get(dataset_name)
+    warn_degenerate_annotations(all_dicts, dataset_name)
+    dicts = shard_of(all_dicts, shard, num_shards, comm.get_rank(), comm.get_world_size())
     summary = ExtractionSummary()
     check = tqdm(dicts, desc=f"checking cache {dataset_name}", unit="img", disable=not comm.is_main_process(),
                  leave=False)
@@ -78,8 +79,7 @@ def extract_tokens(
         MapDataset(DatasetFromList([d for d, _ in pending], copy=False, serialize=False), mapper),
         batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, shuffle=False,
     )
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-           if autocast_dtype is not None else contextlib.nullcontext())
+    amp = frozen_precision(device, autocast)
     bar = tqdm(zip(pending, loader), total=len(pending), desc=f"SAM tokens {dataset_name}", unit="img",
                disable=not comm.is_main_process())
     for (d, source), x in bar:

@@ -16,9 +16,11 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from .checkpoint import RegionSpotCheckpointer
-from .dataset_mapper import RegionSpotDatasetMapper
+from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from .evaluation import build_regionspot_evaluator
+from .head import RegionSpotHead
 from .proposals import attach_proposals
+from .region_pipeline import find_pipeline
 from .token_cache import token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ def train_dataset_dicts(name: str, *, filter_empty: bool = True, token_folder: O
     """The dataset dicts of one training set; with a token folder (cached tokens), only the images
     that have a token file, saying how many lack one."""
     dicts = get_detection_dataset_dicts([name], filter_empty=filter_empty)
+    warn_degenerate_annotations(dicts, name)
     if token_folder is None:
         return dicts
     kept = [d for d in dicts if os.path.isfile(token_file(token_folder, d["image_id"]))]
@@ -77,6 +80,7 @@ def eval_dataset_dicts(name: str, *, proposal_file: str = "", missing_proposals:
     """The dataset dicts of one evaluation set (empty images kept), with the proposals of
     `proposal_file` attached when one is given (see `proposals.attach_proposals`)."""
     dicts = get_detection_dataset_dicts([name], filter_empty=False)
+    warn_degenerate_annotations(dicts, name, evaluation=True)
     if proposal_file:
         attach_proposals(dicts, proposal_file, missing_proposals, proposal_box_mode)
     return dicts
@@ -85,11 +89,14 @@ def eval_dataset_dicts(name: str, *, proposal_file: str = "", missing_proposals:
 def build_regionspot_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
                                full_model_clip_norm: Optional[float] = None,
                                optimizer_cls=torch.optim.AdamW) -> torch.optim.Optimizer:
-    """AdamW (or `optimizer_cls`) over the trainable (head) parameters. With `full_model_clip_norm`,
-    the gradient norm of all of them together is clipped to it before each step (the paper's recipe)."""
+    """AdamW (or `optimizer_cls`) over the trainable parameters of the fusion head(s). With
+    `full_model_clip_norm`, the gradient norm of all of them together is clipped to it before each
+    step (the paper's recipe)."""
     if full_model_clip_norm:
         optimizer_cls = _with_full_model_clipping(optimizer_cls, full_model_clip_norm)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Only the fusion head learns (in a GeneralizedRCNN too: its backbone and RPN stay put).
+    params = [p for m in model.modules() if isinstance(m, RegionSpotHead) for p in m.parameters()
+              if p.requires_grad]
     return optimizer_cls(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -106,10 +113,10 @@ def check_amp_device(amp: bool, device: str, amp_key: str = "SOLVER.AMP.ENABLED"
 def encode_training_vocabularies(model: torch.nn.Module, names: Sequence[str]) -> None:
     """Encode every training vocabulary once, on the main process, into the on-disk cache; the
     other processes then read it instead of each encoding ~1M prompts themselves."""
-    model = model.module if hasattr(model, "module") else model
+    pipeline = find_pipeline(model)
     if comm.is_main_process():
         for name in names:
-            model.text_embeddings(name)
+            pipeline.text_embeddings(name)
     comm.synchronize()
 
 
@@ -158,7 +165,8 @@ class RegionSpotTrainer(DefaultTrainer):
     def build_hooks(self) -> List:
         # Hooks capture self.checkpointer, so swap in ours (head-only, original-layout aware) first.
         self.checkpointer = RegionSpotCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+            allow_random_head=self.cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD,
         )
         ret = super().build_hooks()
         if self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
@@ -199,7 +207,7 @@ class RegionSpotTrainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name: str):
         c = cfg.MODEL.REGIONSPOT
         proposal_file = ""
-        if c.PROMPT == "proposals":
+        if c.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
             names = list(cfg.DATASETS.TEST)
             files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
             if dataset_name not in names or len(files) != len(names):

@@ -1,7 +1,5 @@
 """Finding and reading weight files: local paths or http(s) URLs, with errors that name the file."""
 import os
-import pickle
-import zipfile
 from typing import Any, Dict
 
 import torch
@@ -37,14 +35,19 @@ def resolve_weights(path: str, what: str) -> str:
 
 
 def load_weights_file(path: str, what: str) -> Dict[str, Any]:
-    """torch.load a weights file, turning truncation and corruption into an error that names it."""
+    """torch.load a weights file, turning truncation and corruption into an error that names it.
+
+    A corrupt file (random bytes, truncated, empty, another pickle) can raise almost any
+    exception from the unpickler, so every one is caught and re-raised with the file's name
+    (the original chained as the cause).
+    """
     local = resolve_weights(path, what)
     try:
         obj = torch.load(local, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:
         raise RuntimeError(
-            f"The {what} file {local} is corrupt or truncated and cannot be read ({e}). "
-            "Delete it and download it again."
+            f"The {what} file {local} is corrupt, truncated or not a PyTorch file and cannot be read "
+            f"({type(e).__name__}: {e}). Delete it and download it again."
         ) from e
     if not isinstance(obj, dict):
         raise RuntimeError(f"The {what} file {local} holds a {type(obj).__name__}, not a state dict.")
