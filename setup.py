@@ -1,24 +1,64 @@
-"""Installs the `regionspot` package from projects/RegionSpot."""
+"""Installs the `regionspot` package from projects/RegionSpot, with the configs as package data."""
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.join(ROOT, "projects", "RegionSpot", "regionspot")
+
+
+def packaged_configs():
+    """The configs stay at the repository root (configs/), where users and docs look for them;
+    the package carries them as regionspot/configs, so `regionspot.model_zoo` works from any
+    directory once installed. As detectron2 does for its model zoo: a symlink (so an editable
+    install sees edits), or a copy where links are not possible. Returns the package_data globs."""
+    source = os.path.join(ROOT, "configs")
+    target = os.path.join(PACKAGE, "configs")
+    if os.path.isdir(source):  # absent only when building from an unpacked wheel-like tree
+        if os.path.islink(target):
+            os.unlink(target)
+        elif os.path.isdir(target):
+            shutil.rmtree(target)  # a stale copy from an earlier build
+        try:
+            os.symlink(os.path.relpath(source, PACKAGE), target, target_is_directory=True)
+        except OSError:
+            shutil.copytree(source, target)
+    if not glob.glob(os.path.join(target, "*.yaml")):
+        raise RuntimeError(f"No configs to ship: {source} is missing or empty.")
+    return ["configs/*.yaml", "configs/**/*.yaml"]
+
 
 setup(
     name="regionspot",
     version="0.1.0",
     description="RegionSpot: recognize any region with frozen SAM + CLIP, as a detectron2 extension",
+    license="Apache-2.0",
     package_dir={"": "projects/RegionSpot"},
     packages=find_packages("projects/RegionSpot"),
-    python_requires=">=3.9",
-    # detectron2 is deliberately not listed: it has no usable PyPI release
-    # (see README, "Installing detectron2"); tools/setup_env.sh installs it.
+    # The configs, and the quickstart's tiny pretrained encoders (tools/pretrain_tiny_encoders.py),
+    # found through regionspot://pretrained/... from any working directory.
+    package_data={"regionspot": packaged_configs() + ["pretrained/*.pth.gz"]},
+    # 3.11: the code uses BaseException.add_note.
+    python_requires=">=3.11",
+    # detectron2 is deliberately not listed: it has no usable PyPI release; install it from source
+    # (the official way) or let tools/setup_env.sh install it.
     install_requires=[
         "torch>=2.0",
         "torchvision",
+        "numpy",
+        "Pillow",
         "segment-anything",
         "openai-clip",  # OpenAI's own CLIP code (import clip); not the `clip` clipboard package
+        # openai-clip runs `from pkg_resources import packaging`, and setuptools 82 removed
+        # pkg_resources; torch 2.14 needs >= 77.0.3.
+        "setuptools>=77.0.3,<82",
         "fvcore",
         "iopath",
         "pycocotools",
         "lvis",
         "tqdm",
     ],
+    extras_require={"dev": ["pytest"]},
 )

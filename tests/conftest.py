@@ -25,7 +25,10 @@ from regionspot.dataset_mapper import RegionSpotDatasetMapper  # noqa: E402
 from regionspot.synthetic import make_synthetic_lvis, register_synthetic_lvis  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
-TINY_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny_synthetic.yaml")
+# Unit tests use the quickstart model with *random* tiny encoders (fast, and independent of the
+# shipped pretrained files); tests of the quickstart itself use its own config.
+TINY_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny-random_synthetic.yaml")
+QUICKSTART_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny_synthetic.yaml")
 
 
 @pytest.fixture(autouse=True)

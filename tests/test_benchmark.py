@@ -69,3 +69,16 @@ def test_pipeline_times_every_image_after_warmup_and_evaluates_them_all(tmp_path
         dets = json.load(f)
     assert sorted({d["image_id"] for d in dets}) == list(range(1, 7))
     assert len(dets) == 6 * 3 * 7
+
+
+def test_pipeline_seconds_bound_the_timed_part_and_roofline_uses_its_times(tmp_path):
+    args = benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu", "--pipeline", "6", "--batch", "2",
+                                 "--workers", "0", "--boxes", "3", "--num-classes", "5", "--image-size", "160x120",
+                                 "--pipeline-root", str(tmp_path), "--pipeline-seconds", "1e-9", "--roofline"])
+    out = benchmark.pipeline(args)
+    assert out["images_timed"] == 2  # one batch after the warm-up, then the bound stops it
+    assert out["warmup_s"] > 0
+    rf, t = out["roofline"], out["per_image_s"]
+    for stage in ("sam_encoder", "mask_decoder", "clip", "total"):
+        assert rf[stage]["measured_s"] == t[stage]
+        assert abs(rf[stage]["ideal_s"] - rf[stage]["gflop"] * 1e9 / rf["matmul_flops_per_s"]) < 1e-12

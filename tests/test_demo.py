@@ -139,6 +139,17 @@ def test_sam_auto_prompts(folder, tmp_path):
     assert len(results) >= 1 and all(r["bbox"][2] > 0 and r["bbox"][3] > 0 for r in results)
 
 
+def test_sam_auto_without_masks_says_why(folder, tmp_path, capsys):
+    """The tiny SAM's masks all fail the default IoU/stability thresholds: the summary says so."""
+    js = tmp_path / "res.json"
+    assert _run("--input", os.path.join(folder["images"], "val_00002.png"), "--sam-auto", "--json-output", str(js),
+                opts=("MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE", "2")) == 0
+    assert json.load(open(js)) == []
+    err = capsys.readouterr().err
+    assert "1 of 1 images got no --sam-auto region" in err
+    assert "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH" in err
+
+
 def test_an_image_missing_from_the_boxes_file(folder, tmp_path, capsys):
     partial = {k: v for k, v in folder["boxes"].items() if k != "val_00002.png"}
     with open(tmp_path / "partial.json", "w") as f:

@@ -39,6 +39,8 @@ YACS_TWINS = {
     "RegionSpot-tiny_synthetic.py": ("quickstart/RegionSpot-tiny_synthetic.yaml",) * 2,
 }
 TRAIN_SET = "lazy_test_train"
+# The LazyConfig twin of TINY_CONFIG (the quickstart with random tiny encoders, as the tests use).
+TINY_RANDOM = ("model.sam.checkpoint=random", "model.clip.checkpoint=random", "model.clip.input_size=128")
 
 
 def _yacs(path):
@@ -217,7 +219,7 @@ def test_lazy_config_values_equal_the_yacs_configs(name, monkeypatch):
 
 # --------------------------------------------------------------------------- same detections
 def _tiny_lazy(*overrides):
-    return LazyConfig.apply_overrides(LazyConfig.load(TINY_LAZY), list(overrides))
+    return LazyConfig.apply_overrides(LazyConfig.load(TINY_LAZY), [*TINY_RANDOM, *overrides])
 
 
 def test_lazy_and_yacs_models_are_the_same_network(tmp_path):
@@ -259,7 +261,7 @@ def _eval_both(tmp_path, dataset, weights, yacs_opts=(), lazy_opts=()):
         "MODEL.WEIGHTS", weights, "OUTPUT_DIR", yacs_out, *yacs_opts]))
     lazy_res = train_net.main(default_argument_parser().parse_args([
         "--config-file", TINY_LAZY, "--eval-only", f"dataloader.test.dataset.name={dataset}",
-        f"train.init_checkpoint={weights}", f"train.output_dir={lazy_out}", *lazy_opts]))
+        f"train.init_checkpoint={weights}", f"train.output_dir={lazy_out}", *lazy_opts, *TINY_RANDOM]))
     return yacs_res.get(dataset, yacs_res), lazy_res, _results(yacs_out, dataset), _results(lazy_out, dataset)
 
 
@@ -272,7 +274,7 @@ def test_lazy_eval_only_gives_the_yacs_detections(synthetic_val, head_weights, t
     # ... and the head was loaded: a random head gives other scores.
     train_net.main(default_argument_parser().parse_args([
         "--config-file", TINY_LAZY, "--eval-only", f"dataloader.test.dataset.name={synthetic_val}",
-        f"train.output_dir={tmp_path / 'random'}"]))
+        f"train.output_dir={tmp_path / 'random'}", *TINY_RANDOM]))
     assert [d["score"] for d in _results(str(tmp_path / "random"), synthetic_val)] != [d["score"] for d in b]
     assert os.path.isfile(os.path.join(tmp_path, "lazy", "config.yaml"))  # default_setup saved the LazyConfig
 
@@ -316,7 +318,7 @@ def test_lazy_training_equals_yacs_training(train_set, synthetic_val, tmp_path):
         "--config-file", TINY_LAZY, f"dataloader.train.names=[{train_set}]",
         f"dataloader.test.dataset.name={synthetic_val}",
         "dataloader.train.token_mode=online", "train.max_iter=3", "dataloader.train.total_batch_size=2",
-        "train.eval_period=3", f"train.output_dir={lazy_out}"]))
+        "train.eval_period=3", f"train.output_dir={lazy_out}", *TINY_RANDOM]))
     a, b = _final_head(yacs_out), _final_head(lazy_out)
     assert list(a) == list(b)
     for k in a:
@@ -343,7 +345,7 @@ def test_lazy_amp_on_cpu_is_refused_by_key(train_set, tmp_path):
     with pytest.raises(ValueError, match=r"train\.amp\.enabled.*train\.device"):
         train_net.main(default_argument_parser().parse_args([
             "--config-file", TINY_LAZY, f"dataloader.train.names=[{train_set}]", "train.amp.enabled=True",
-            f"train.output_dir={tmp_path}"]))
+            f"train.output_dir={tmp_path}", *TINY_RANDOM]))
 
 
 def test_lazy_cached_train_loader_gives_the_yacs_batches(train_set, tmp_path):

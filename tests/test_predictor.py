@@ -307,14 +307,21 @@ def test_built_from_config_file_and_weights(tmp_path):
         RegionSpotPredictor.from_config_file(str(tmp_path / "no_such.yaml"))
 
 
-def test_readme_python_example_runs(monkeypatch, capsys):
+def test_readme_python_example_runs(monkeypatch, capsys, tmp_path):
     """The README's Python API example is executed as written, so it cannot drift from the code."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1
-    monkeypatch.chdir(ROOT)
+    # The example reads the head the quickstart trains: give it one in a fresh folder (the config
+    # path then resolves through the model zoo, as it does from any directory).
+    monkeypatch.chdir(tmp_path)
+    from regionspot.config import get_regionspot_cfg
+    cfg = get_regionspot_cfg(os.path.join(ROOT, "configs", "quickstart", "RegionSpot-tiny_synthetic.yaml"),
+                             ["MODEL.DEVICE", "cpu"])
+    RegionSpotCheckpointer(build_model(cfg), "output/quickstart").save("model_final")
+    capsys.readouterr()
     namespace = {}
     exec(compile(blocks[0], "README.md (Python API)", "exec"), namespace)
     assert isinstance(namespace["predictor"], RegionSpotPredictor)

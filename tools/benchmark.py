@@ -17,12 +17,15 @@ an LVIS-format set of --num-classes classes, through detectron2's test loader (-
 processes, --batch images per forward), the model, and LVISEvaluator.process (RLE encoding of the
 kept masks, detections to JSON), after --warmup batches. That is the per-image cost of an
 `--eval-only` run; the final LVIS evaluation (once per run) is timed apart with --evaluate.
+--pipeline-seconds bounds the timed part, for a measurement that must fit a time budget.
 
 --roofline counts the FLOPs of one image through the SAM encoder, the mask decoder (--boxes
 boxes) and the CLIP image tower (torch's FlopCounterMode, attention through its math kernel so
 that every matmul is seen), measures the device's own square-matmul rate in the run's precision,
-and reports the time those FLOPs would take at that rate against the measured time.
+and reports the time those FLOPs would take at that rate against the measured time (with
+--pipeline: against the pipeline's per-stage and per-image times).
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import json
 import os
@@ -43,7 +46,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.region_pipeline import AUTOCAST_DTYPES
 
 BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
@@ -79,6 +82,8 @@ def parse_args(argv=None):
                    help="where --pipeline writes its images (made once per set of parameters)")
     p.add_argument("--workers", type=int, default=4, help="--pipeline: loader worker processes")
     p.add_argument("--warmup", type=int, default=1, help="--pipeline: untimed first batches")
+    p.add_argument("--pipeline-seconds", type=float, default=0.0, metavar="S",
+                   help="--pipeline: stop after S timed seconds (0 = time all N images)")
     p.add_argument("--evaluate", action="store_true", help="--pipeline: also time the final LVIS evaluation")
     p.add_argument("--roofline", action="store_true",
                    help="also report FLOPs per image and the distance to the measured matmul rate")
@@ -109,7 +114,7 @@ def startup(args) -> dict:
 
 
 def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
-    cfg = load_config(BASE_CONFIG, freeze=False)
+    cfg = get_regionspot_cfg(BASE_CONFIG)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
     c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size
@@ -288,7 +293,7 @@ def pipeline(args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        previous = timer._now()
+        previous = begin = timer._now()
         for b, inputs in enumerate(loader):
             got = timer._now()
             if b == args.warmup:  # compilation, allocator growth and worker start-up are behind us
@@ -304,6 +309,8 @@ def pipeline(args) -> dict:
                 spent["evaluator_process"] += done - done_model
                 timed += len(inputs)
             previous = done
+            if start is not None and args.pipeline_seconds and done - start >= args.pipeline_seconds:
+                break
     if not timed:
         raise SystemExit(f"--pipeline {args.pipeline} images in batches of {args.batch} leave nothing to time "
                          f"after --warmup {args.warmup} batches.")
@@ -312,11 +319,15 @@ def pipeline(args) -> dict:
     per_image.update({k: timer.times[k] / timed for k in STAGES})
     per_image["total"] = wall / timed
     out = {"images_timed": timed, "images_per_s": timed / wall, "per_image_s": per_image,
-           "peak_gb": peak_memory_gb(args.device)}
+           "peak_gb": peak_memory_gb(args.device), "warmup_s": start - begin}
     print(f"pipeline: {timed} images in {wall:.1f} s = {timed / wall:.2f} img/s ({args.workers} loader workers, "
-          f"batch {args.batch}, after {args.warmup} warm-up batches); peak {'GPU' if args.device.startswith('cuda') else 'RSS'} "
-          f"{out['peak_gb']:.2f} GB")
+          f"batch {args.batch}, after {args.warmup} warm-up batches of {out['warmup_s']:.1f} s); "
+          f"peak {'GPU' if args.device.startswith('cuda') else 'RSS'} {out['peak_gb']:.2f} GB")
     print("per image ms: " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in per_image.items()), flush=True)
+    if args.roofline:
+        rf, rate = pipeline_roofline(args, per_image)
+        print_roofline("the pipeline", rf, rate, args.autocast or "fp32", args.boxes)
+        out["roofline"] = {"matmul_flops_per_s": rate, **rf}
     if args.evaluate:
         t0 = time.perf_counter()
         evaluator.evaluate()
@@ -352,6 +363,24 @@ def count_flops(model, x) -> dict:
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return flops
+
+
+_FLOPS, _RATES = {}, {}
+
+
+def pipeline_roofline(args, per_image: dict):
+    """--roofline of a --pipeline run. FLOPs are counted on an eager fp32 build (compiled code hides
+    its ops from FlopCounterMode) once per model and box count, the matmul rate once per precision:
+    both are cached, so a process timing several configurations pays them once."""
+    key = (args.sam, args.clip, args.clip_size, args.image_size, args.boxes, args.device)
+    if key not in _FLOPS:
+        model = build(args, "", extra_opts=["MODEL.REGIONSPOT.COMPILE", ""])
+        _FLOPS[key] = count_flops(model, make_inputs(args, 1)[0])
+    dtype = AUTOCAST_DTYPES[args.autocast] or torch.float32
+    if (args.device, dtype) not in _RATES:
+        _RATES[args.device, dtype] = matmul_rate(args.device, dtype)
+    rate = _RATES[args.device, dtype]
+    return roofline(_FLOPS[key], per_image, rate), rate
 
 
 def matmul_rate(device: str, dtype: torch.dtype, n: int = 0, repeats: int = 10) -> float:

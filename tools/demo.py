@@ -12,15 +12,16 @@ detectron2's Visualizer; --json-output writes COCO-format results. Examples:
         --vocabulary custom --custom-vocabulary "cat,dog,sofa" --output vis/
 
 Exit code: 0 when every image was processed, 1 when some image failed (each is reported by
-name; the others still finish), 2 for bad options or files given on the command line.
+name; the others still finish and the JSON is still written), 2 for bad options or files given on
+the command line, output paths that cannot be written included (checked before any image is read).
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import glob
 import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,11 +32,13 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.evaluation import instances_to_json
+from regionspot.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
 from regionspot.images import read_image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.proposals import read_json_proposals
+from regionspot.sam_encoder import SAM_AUTO_EMPTY_HINT
 from regionspot.text_embeddings import BUILTIN_VOCABULARIES
 from regionspot.vocabulary import VocabularyLike, vocabulary_from_options
 
@@ -53,7 +56,8 @@ def get_parser() -> argparse.ArgumentParser:
         description="RegionSpot demo: classify region prompts of your images with any vocabulary.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config-file", required=True, metavar="FILE", help="a RegionSpot config file")
+    p.add_argument("--config-file", required=True, metavar="FILE",
+                   help="a RegionSpot config file, or a model-zoo name (e.g. RegionSpot-BB.yaml)")
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, glob patterns (quote them) or folders of images")
     p.add_argument("--output", help="a folder for the drawn pictures (PNG); a file path for a single image")
@@ -92,6 +96,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--detections-per-image", type=int, default=0, metavar="N",
                    help="instead, the image's N best (box, class) pairs over all regions, as --eval-only "
                         "keeps them (TEST.DETECTIONS_PER_IMAGE)")
+    p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu MODEL.WEIGHTS x.pth")
     return p
@@ -99,7 +104,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
     try:
-        return load_config(args.config_file, args.opts)
+        return get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from e
 
@@ -246,8 +251,25 @@ def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
     return list(range(1, num_classes + 1))
 
 
+def picture_is_a_file(output: str, single: bool) -> bool:
+    """--output is the picture's own file name (one input image, an image extension), not a folder."""
+    return single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
+
+
+def check_outputs(args: argparse.Namespace, single: bool) -> None:
+    """Refuse unwritable --output / --json-output before any image is processed (exit 2)."""
+    try:
+        if args.json_output:
+            args.json_output = check_output_file(args.json_output, "--json-output")
+        if args.output:
+            check = check_output_file if picture_is_a_file(args.output, single) else check_output_dir
+            args.output = check(args.output, "--output")
+    except OutputPathError as e:
+        raise UsageError(str(e)) from e
+
+
 def output_path(output: str, image: str, single: bool, used: set) -> str:
-    if single and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output):
+    if picture_is_a_file(output, single):
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         return output
     os.makedirs(output, exist_ok=True)
@@ -257,15 +279,6 @@ def output_path(output: str, image: str, single: bool, used: set) -> str:
         name, n = f"{stem}_{n}", n + 1
     used.add(name)
     return os.path.join(output, name + ".png")
-
-
-def write_json(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -288,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error(f"--input {item} matches no image file.")
     if not images:
         raise UsageError(f"No images found in --input {args.input}.")
+    check_outputs(args, single=len(images) == 1)
     table = None
     if args.boxes:
         table = read_box_file(args.boxes, args.box_mode)
@@ -311,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
 
     failures: List[Tuple[str, str]] = [(item, "matches no image file") for item in unmatched]
     results, used_names = [], set()
+    no_auto_boxes = 0  # images where SAM's automatic mask generator found nothing
     for path in tqdm(images, desc="RegionSpot demo", unit="image"):
         try:
             rgb = read_image(path, format="RGB")
@@ -319,11 +334,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error(f"Skipping {path}: unreadable image ({e}).")
             continue
         image_id = image_id_of(path, ids)
-        predictor.set_image(rgb, format="RGB")
         scores = None
-        if args.sam_auto:
-            boxes = predictor.sam_auto_boxes()
-        else:
+        if not args.sam_auto:
             entry = lookup_prompts(table, path, image_id)
             if entry is None:
                 source = args.boxes or args.proposals
@@ -339,9 +351,13 @@ def run(args: argparse.Namespace) -> int:
                 boxes, scores = boxes[top], scores[top]
             if not use_scores:
                 scores = None
-        try:
+        try:  # everything about one image fails for that image alone
+            predictor.set_image(rgb, format="RGB")
+            if args.sam_auto:
+                boxes = predictor.sam_auto_boxes()
+                no_auto_boxes += len(boxes) == 0
             res = predictor.predict(boxes=boxes, prompt_scores=scores, vocabulary=vocabulary, top_k=top_k)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             failures.append((path, str(e)))
             logger.error(f"Skipping {path}: {e}")
             continue
@@ -359,10 +375,19 @@ def run(args: argparse.Namespace) -> int:
             instances = instances[instances.scores >= args.confidence_threshold]
             vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
             drawn = vis.draw_instance_predictions(instances)
-            drawn.save(output_path(args.output, path, len(images) == 1, used_names))
+            picture = output_path(args.output, path, len(images) == 1, used_names)
+            try:
+                drawn.save(picture)
+            except OSError as e:
+                failures.append((path, f"cannot write {picture} ({e})"))
+                logger.error(f"Cannot write the picture of {path} to {picture}: {e}")
 
     if args.json_output:
-        write_json(args.json_output, results)
+        try:
+            atomic_write_bytes(json.dumps(results).encode(), args.json_output)
+        except OSError as e:
+            failures.append((args.json_output, str(e)))
+            logger.error(str(e))
     done = len(images) - sum(1 for f, _ in failures if f in images)
     summary = f"RegionSpot demo: {done} of {len(images)} images done"
     if args.json_output:
@@ -370,6 +395,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         summary += f", pictures in {args.output}"
     print(summary + ".", file=sys.stderr)
+    if no_auto_boxes:
+        print(f"{no_auto_boxes} of {len(images)} images got no --sam-auto region, hence no detections. "
+              f"{SAM_AUTO_EMPTY_HINT}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} failed:", file=sys.stderr)
         for item, why in failures:
@@ -379,8 +407,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from detectron2.utils.logger import setup_logger
+    from regionspot.console import setup_run_logging
 
-    setup_logger(name="fvcore")
-    setup_logger(name="regionspot", abbrev_name="regionspot")
+    setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

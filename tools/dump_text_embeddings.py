@@ -12,6 +12,7 @@ Only CLIP is built: SAM is not needed for this. Examples:
     python tools/dump_text_embeddings.py --config-file configs/RegionSpot-BB.yaml \\
         --vocabulary custom --custom-vocabulary my_classes.txt --output vocab/mine.pth
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import logging
 import sys
@@ -19,8 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from regionspot.config import load_config
 from regionspot.clip_encoder import build_clip_encoder
+from regionspot.config import get_regionspot_cfg
+from regionspot.file_io import check_output_file
 from regionspot.region_pipeline import frozen_precision
 from regionspot.text_embeddings import get_templates, save_embedding_file
 from regionspot.vocabulary import Vocabulary, vocabulary_from_options
@@ -32,7 +34,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True, metavar="FILE",
-                   help="a RegionSpot config: its CLIP, templates and cache folder are used")
+                   help="a RegionSpot config (or a model-zoo name): its CLIP, templates and cache folder are used")
     p.add_argument("--vocabulary", required=True,
                    help="lvis | coco | <registered dataset> | custom")
     p.add_argument("--custom-vocabulary", default="",
@@ -44,13 +46,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="FILE", help="the embedding file to write (.pth)")
     p.add_argument("--chunk-size", type=int, default=0,
                    help="prompts per text-encoder call (default: MODEL.REGIONSPOT.TEXT.CHUNK_SIZE)")
+    p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs")
     return p
 
 
 def dump(args: argparse.Namespace) -> str:
     """Encode the vocabulary and write the file; returns its path."""
-    cfg = load_config(args.config_file, args.opts)
+    args.output = check_output_file(args.output, "--output")  # before any encoding (exit 2)
+    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     c = cfg.MODEL.REGIONSPOT
     vocab, _ = vocabulary_from_options(args.vocabulary, args.custom_vocabulary, args.synonyms, c.CUSTOM_VOCABULARY)
     chunk = args.chunk_size or c.TEXT.CHUNK_SIZE
@@ -78,12 +82,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"dump_text_embeddings.py: error: {str(e).strip(chr(34))}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up while writing; the embeddings stay in the cache
+        print(f"dump_text_embeddings.py: error: {e}", file=sys.stderr)
+        return 1
     print(f"Wrote {path}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    from detectron2.utils.logger import setup_logger
+    from regionspot.console import setup_run_logging
 
-    setup_logger(name="regionspot", abbrev_name="regionspot")
+    setup_run_logging(verbose=get_parser().parse_known_args()[0].verbose)
     sys.exit(main())

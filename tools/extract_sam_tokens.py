@@ -7,15 +7,19 @@
 Writes one file per image under OUTPUT/<dataset>/<sam type>/. Restarting a killed run redoes
 nothing already written; truncated or corrupt files are redone.
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
+import os
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
+from regionspot.console import setup_run_logging
+from regionspot.file_io import OutputPathError, check_output_dir
 from regionspot.sam_encoder import build_sam_encoder
+from regionspot.text_embeddings import default_cache_dir
 from regionspot.token_extraction import extract_tokens, gather_summaries
 
 
@@ -26,15 +30,22 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="cache root; default MODEL.REGIONSPOT.TOKEN_CACHE_DIR")
     parser.add_argument("--shard", type=int, default=0, help="index of this job among --num-shards")
     parser.add_argument("--num-shards", type=int, default=1, help="independent jobs splitting the images")
+    parser.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     return parser.parse_args(argv)
 
 
 def main(args):
-    setup_logger(name="regionspot", distributed_rank=comm.get_rank())
-    cfg = load_config(args.config_file, args.opts)
+    setup_run_logging(verbose=getattr(args, "verbose", False))
+    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)  # a path or a model-zoo name
+    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
+    try:  # before SAM is built or any image is encoded
+        check_output_dir(output or os.path.join(default_cache_dir(), "sam_tokens"),
+                         "--output" if args.output is not None else "MODEL.REGIONSPOT.TOKEN_CACHE_DIR")
+    except OutputPathError as e:
+        print(f"extract_sam_tokens.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     device = torch.device(cfg.MODEL.DEVICE)
     sam = build_sam_encoder(cfg).to(device)
-    output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:
         raise ValueError("No dataset to extract: give --dataset or set DATASETS.TRAIN.")

@@ -9,12 +9,13 @@ Each `<released-root>/<folder>/<image_id>.pth` is matched to its image's annotat
 class; files that do not match are listed by name (exit code 1) and never imported. A re-run skips
 what is already imported. Cached training (MODEL.REGIONSPOT.TOKEN_MODE cached) then reads them.
 """
+import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
 import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 from detectron2.utils.logger import setup_logger
-from regionspot.config import load_config
+from regionspot.config import get_regionspot_cfg
 from regionspot.token_import import CLASS_ID_CONVENTIONS, import_released_tokens
 
 
@@ -37,7 +38,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logger(name="regionspot")
-    cfg = load_config(args.config_file, args.opts)
+    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)
     output = args.output if args.output is not None else cfg.MODEL.REGIONSPOT.TOKEN_CACHE_DIR
     datasets = args.dataset or list(cfg.DATASETS.TRAIN)
     if not datasets:

@@ -2,7 +2,7 @@
 # Create (or reuse) the project's virtualenv in .venv with the pinned stack.
 #
 # Why a script: detectron2 has no usable PyPI distribution for Python 3.11
-# (see README "Installing detectron2"), so a plain `pip install -e .` is not
+# (see the README, "Install"), so a plain `pip install -e .` is not
 # enough on a machine without GitHub access. This script is idempotent: when
 # .venv already imports everything it returns at once.
 set -euo pipefail
@@ -22,10 +22,16 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --pro
 # Pin both: an unpinned torch may pull a newer multi-GB CUDA build.
 "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
 
+# detectron2's run-time needs (and ours) first: so the resolver never weighs them against the
+# fallback wheel's numpy<2 pin below (that pin exists only for its compiled ops, which cannot
+# load on this Python anyway; its Python code works with numpy 2).
+"${PIP[@]}" pycocotools matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard \
+    "omegaconf>=2.1,<2.4" "hydra-core>=1.1" fvcore iopath opencv-python-headless \
+    segment-anything==1.0 openai-clip==1.0.1 lvis==0.5.3 ftfy regex pytest
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   # Fallback route: upstream detectron2 0.7.2 re-uploaded as sal-detectron2 (a
   # cp310 wheel whose Python sources are version independent). We install it
-  # without deps and add its run-time needs ourselves. A user who installed
+  # without deps (its needs are installed above). A user who installed
   # detectron2 from source never reaches this branch.
   WHEELDIR="$(mktemp -d)"
   "$VENV/bin/python" -m pip download --quiet --no-deps --only-binary=:all: \
@@ -34,9 +40,6 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "${PIP[@]}" --no-deps "$WHEELDIR"/sal_detectron2-0.7.2-py3-none-any.whl
   rm -rf "$WHEELDIR"
 fi
-"${PIP[@]}" pycocotools matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard \
-    "omegaconf>=2.1,<2.4" "hydra-core>=1.1" fvcore iopath opencv-python-headless \
-    segment-anything==1.0 openai-clip==1.0.1 lvis==0.5.3 ftfy regex pytest
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2

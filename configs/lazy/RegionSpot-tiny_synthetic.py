@@ -1,5 +1,5 @@
-# Offline quickstart (= configs/quickstart/RegionSpot-tiny_synthetic.yaml): tiny random SAM and CLIP on
-# the synthetic shapes dataset, on the CPU. Training reads the SAM tokens tools/quickstart.py caches
+# Offline quickstart (= configs/quickstart/RegionSpot-tiny_synthetic.yaml): a tiny SAM and a tiny CLIP
+# pretrained on the synthetic shapes world (shipped inside the package), on the CPU. Training reads the SAM tokens tools/quickstart.py caches
 # (or set dataloader.train.token_mode=online).
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
@@ -7,8 +7,10 @@ from detectron2.config import LazyCall as L
 from .common import dataloader, lr_multiplier, model, optimizer, train
 
 model.sam.type = "tiny"
+model.sam.checkpoint = "regionspot://pretrained/tiny_sam_synthetic.pth.gz"
 model.clip.name = "tiny"
-model.clip.input_size = 128        # 8x8 patches; the tiny CLIP was built for 64 (positions interpolated)
+model.clip.checkpoint = "regionspot://pretrained/tiny_clip_synthetic.pth.gz"
+model.clip.input_size = 96         # the size it was pretrained at: a 12 x 12 token map
 model.templates.name = "single"
 model.head.dim_feedforward = 256
 

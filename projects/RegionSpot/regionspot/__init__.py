@@ -3,6 +3,7 @@
 Importing the package registers the meta-architecture, the ROI heads, the prompt sources and
 RegionSpot's datasets.
 """
+from . import warnings_filter as _warnings_filter  # noqa: F401  (first: filters import-time warnings)
 from . import datasets as _datasets  # noqa: F401  (only registration)
 from . import roi_heads as _roi_heads  # noqa: F401  (only registration)
 from .config import add_regionspot_config

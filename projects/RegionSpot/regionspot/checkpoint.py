@@ -5,7 +5,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .file_io import atomic_torch_save
+from .file_io import atomic_torch_save, atomic_write_bytes
+from .weights import download, is_url
 
 # Key prefixes of the original RegionSpot code -> ours. Its meta-architecture kept everything
 # under one `model` submodule; we keep the frozen encoders and the head apart.
@@ -70,6 +71,8 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         self._loading = ""
 
     def load(self, path: str, *args, **kwargs):
+        if path and is_url(path):  # downloaded once, with a timeout and an error naming the fix
+            path = download(path, "MODEL.WEIGHTS", "RegionSpot checkpoint")
         if path and "://" not in path and not os.path.isfile(path):
             raise FileNotFoundError(f"Checkpoint file not found (MODEL.WEIGHTS): {path}")
         self._loading = path
@@ -160,5 +163,9 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_torch_save(data, save_file)
+        atomic_torch_save(data, save_file)  # a failed write names the file and the cause
         self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        # Atomic too: a full disk must not leave an empty `last_checkpoint`, which resume reads.
+        atomic_write_bytes(last_filename_basename.encode(), os.path.join(self.save_dir, "last_checkpoint"))

@@ -7,6 +7,7 @@ from the checkpoint's.
 """
 import math
 import os
+import zipfile
 from typing import Dict, Tuple
 
 import clip
@@ -17,7 +18,7 @@ from clip.model import build_model as build_clip_from_state_dict
 from torch import nn
 
 from .config import check_regionspot_config
-from .weights import resolve_weights
+from .weights import download, open_weights, resolve_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,20 +69,20 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
             raise ValueError(f"No architecture is known for a random {name!r} CLIP.")
         return _build_random_clip(name, seed).float().eval()
     if checkpoint == "":
-        root = os.path.expanduser(download_root) if download_root else None
-        model, _ = clip.load(name, device="cpu", jit=False, download_root=root)
+        model, _ = clip.load(download_clip(name, download_root), device="cpu", jit=False)
         return model.float().eval()
-    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint (MODEL.REGIONSPOT.CLIP.CHECKPOINT)")
+    local = resolve_weights(checkpoint, f"CLIP {name} checkpoint", "MODEL.REGIONSPOT.CLIP.CHECKPOINT")
     # A corrupt file can make the loaders raise almost anything (IndexError: pop from empty list,
     # UnicodeDecodeError, KeyError, ...), and so can a state dict of another model: all are
     # reported with the file and the key, the original chained as the cause.
     try:
         # OpenAI's files are TorchScript archives; others are plain state dicts. (clip.load
         # reads both, but reuses one file handle for the second try and fails on plain files.)
-        try:
-            state = torch.jit.load(local, map_location="cpu").state_dict()
-        except Exception:
-            state = torch.load(local, map_location="cpu", weights_only=True)
+        source = open_weights(local)
+        if _is_torchscript(source):
+            state = torch.jit.load(source, map_location="cpu").state_dict()
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
         state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
@@ -94,6 +95,29 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
             f"OpenAI-format CLIP file ({type(e).__name__}: {e})."
         ) from e
     return model.eval()
+
+
+def download_clip(name: str, download_root: str = "") -> str:
+    """The local file of OpenAI's CLIP `name`, downloaded once as `clip.load` would (same URL, same
+    file in `download_root`, default ~/.cache/clip, same SHA256 check), but with a timeout and an
+    error that says how to do without the download."""
+    url = clip.clip._MODELS[name]  # the clip package's own table of released files
+    root = os.path.expanduser(download_root or "~/.cache/clip")
+    target = os.path.join(root, os.path.basename(url))
+    return download(url, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", f"CLIP {name} weights", target=target,
+                    sha256=url.split("/")[-2],
+                    hint=f" (OpenAI's {name} file, the model MODEL.REGIONSPOT.CLIP.NAME names), or put it at {target}")
+def _is_torchscript(source) -> bool:
+    """Whether a weights file (path or bytes buffer) is a TorchScript archive (OpenAI's releases)
+    rather than a plain torch.save state dict: only TorchScript archives hold compiled code."""
+    try:
+        with zipfile.ZipFile(source) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False  # legacy (pre-zip) torch.save files, or a corrupt file: torch.load reports it
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
 
 
 def build_clip_encoder(cfg) -> "ClipImageTextEncoder":

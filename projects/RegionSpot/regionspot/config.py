@@ -1,11 +1,13 @@
 """Config keys of RegionSpot. Every key lives under ``cfg.MODEL.REGIONSPOT``."""
 import math
-import os
 from numbers import Real
 from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from .datasets import register_datasets_from_cfg
+from .model_zoo import resolve_config_file
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -15,10 +17,13 @@ def add_regionspot_config(cfg: CN) -> None:
     _C = cfg.MODEL.REGIONSPOT = CN()
 
     _C.SAM = CN()
-    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small random SAM for tests and the quickstart).
+    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small SAM for tests and the quickstart:
+    # random, or the quickstart's pretrained one with CHECKPOINT regionspot://pretrained/...).
     _C.SAM.TYPE = "vit_b"
-    # Local path or http(s) URL (downloaded once, cached by iopath). "" = the official
-    # checkpoint of SAM.TYPE, "random" = random init (benchmarks, tests).
+    # Local path, http(s) URL (downloaded once, cached by iopath; every download gives up after
+    # $REGIONSPOT_DOWNLOAD_TIMEOUT seconds without data, default 60) or regionspot://<file>
+    # (shipped in the package). "" = the official checkpoint of SAM.TYPE ("tiny": random),
+    # "random" = random init (benchmarks, tests).
     _C.SAM.CHECKPOINT = ""
     # Boxes per mask-decoder call: bounds memory, which then grows linearly in the boxes.
     # 0 = by device: 4 on a CPU (each box's decoder works on 4096x256 image tokens, so small
@@ -32,9 +37,12 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.CLIP = CN()
     # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".
     _C.CLIP.NAME = "ViT-B/16"
-    # Local path or http(s) URL of an OpenAI-format CLIP file. "" = download CLIP.NAME through
-    # the clip package (cached in CLIP.DOWNLOAD_ROOT), "random" = random init.
+    # Local path, http(s) URL or regionspot://<file> of an OpenAI-format CLIP file (TorchScript
+    # or plain state dict, optionally gzip-compressed). "" = download CLIP.NAME from the clip
+    # package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked; "tiny": random), "random" =
+    # random init.
     _C.CLIP.CHECKPOINT = ""
+    # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's).
     _C.CLIP.DOWNLOAD_ROOT = ""
     # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
     _C.CLIP.INPUT_SIZE = 224
@@ -120,6 +128,11 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.TOKEN_MODE = "online"
     # Root of the token cache ("" = $REGIONSPOT_CACHE/sam_tokens); files are under <dataset>/<SAM type>/.
     _C.TOKEN_CACHE_DIR = ""
+    # Your own datasets, registered when a config is loaded so every entry point knows them:
+    # a list of [name, json_file, image_root] (COCO format) or [name, json_file, image_root, "lvis"]
+    # (LVIS format: category ids 1..C, images at image_root/<coco_url's last folder>/<file>).
+    # Then name them in DATASETS.TRAIN / DATASETS.TEST / a vocabulary like any registered dataset.
+    _C.REGISTER_DATASETS = []
     # Sampling ratio of each DATASETS.TRAIN entry; every batch comes from one dataset. [] = equal.
     _C.DATASET_RATIOS = []
     # Metric that picks the best checkpoint during training (EvalHook + BestCheckpointer).
@@ -143,21 +156,25 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM_AUTO.MIN_MASK_REGION_AREA = 0
 
 
-def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = True) -> CN:
-    """detectron2's config with RegionSpot's keys, `config_file` merged in, then "KEY VALUE"
-    `opts`: the one way every entry point builds its config. Errors name the file or the opts."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"Config file not found: {config_file}")
+def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = (), freeze: bool = False) -> CN:
+    """detectron2's `get_cfg` with RegionSpot's keys, a config file (a path or a model-zoo name,
+    see `regionspot.model_zoo`) and "KEY VALUE" overrides merged; the datasets of
+    MODEL.REGIONSPOT.REGISTER_DATASETS are registered; frozen if `freeze`. Every entry point loads its
+    config through this, so they all read files, names and overrides the same way."""
     cfg = get_cfg()
     add_regionspot_config(cfg)
-    cfg.merge_from_file(config_file)
+    if config_file:
+        cfg.merge_from_file(resolve_config_file(config_file))
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ValueError(f"Bad config overrides {list(opts)}: {e}") from e
+    register_datasets_from_cfg(cfg)
     if freeze:
         cfg.freeze()
     return cfg
+
+
 def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
                   high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
     """Raise ValueError naming `key` unless `value` is a finite number (an int if `integer`) in range."""

@@ -3,15 +3,18 @@
 - The paper's training data, in COCO format: Objects365 v1 and v2, V3Det, OpenImages v6.
 - LVIS v1 minival (train/val are detectron2's own built-ins).
 - The synthetic shapes sets of the offline quickstart, generated on first use.
+- Your own COCO- or LVIS-format sets, named in a config (MODEL.REGIONSPOT.REGISTER_DATASETS).
 Every loader checks its files first, so a missing file is reported with its path and dataset.
 """
+import json
 import os
 from functools import partial
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_lvis_instances
-from detectron2.data.datasets.lvis import get_lvis_instances_meta
+from detectron2.data.datasets.lvis import get_lvis_instances_meta, load_lvis_json
+from detectron2.utils.file_io import PathManager
 
 from .synthetic import make_synthetic_lvis, register_synthetic_lvis
 
@@ -39,7 +42,7 @@ SYNTHETIC_SPLITS = {
 }
 
 
-def _check_files(name: str, load):
+def _check_files(name: str, load, hint: str = ""):
     """Wrap a dataset loader so a missing annotation file or image folder names itself and the set."""
 
     def checked():
@@ -47,19 +50,18 @@ def _check_files(name: str, load):
         for what in ("json_file", "image_root"):
             path = meta.get(what, None)
             if path and not os.path.exists(path):
-                raise FileNotFoundError(
-                    f"Dataset {name!r}: {what} {path} does not exist. Put the data under "
-                    f"$DETECTRON2_DATASETS (now {os.getenv('DETECTRON2_DATASETS', 'unset, so ./datasets')})."
-                )
+                where = hint or (f"Put the data under $DETECTRON2_DATASETS (now "
+                                 f"{os.getenv('DETECTRON2_DATASETS', 'unset, so ./datasets')}).")
+                raise FileNotFoundError(f"Dataset {name!r}: {what} {path} does not exist. {where}")
         return load()
 
     return checked
 
 
-def _wrap_with_check(name: str) -> None:
+def _wrap_with_check(name: str, hint: str = "") -> None:
     load = DatasetCatalog[name]
     DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, _check_files(name, load))
+    DatasetCatalog.register(name, _check_files(name, load, hint))
 
 
 def register_all_paper_datasets(root: str) -> None:
@@ -84,6 +86,69 @@ def register_all_synthetic(root: str) -> None:
         json_path = os.path.join(folder, f"lvis_synthetic_{split}.json")
         register_synthetic_lvis(name, json_path, folder,
                                 make=partial(make_synthetic_lvis, folder, split, num, seed))
+
+
+def _load_own_lvis(name: str, json_file: str, image_root: str) -> List[dict]:
+    """detectron2's LVIS loader for a set with its own categories (it only knows LVIS's own
+    names), which also fills in the set's thing_classes, as the COCO loader does."""
+    with PathManager.open(json_file) as f:
+        categories = json.load(f).get("categories", [])
+    ids = sorted(c["id"] for c in categories)
+    if ids != list(range(1, len(ids) + 1)):
+        # detectron2's LVIS loader maps category id k to class k - 1, as LVIS's own files need.
+        raise ValueError(
+            f"Dataset {name!r}: the LVIS-format {json_file} must number its categories 1..C "
+            f"(found ids {ids[:5]}{' ...' if len(ids) > 5 else ''}); register it as COCO format instead."
+        )
+    MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in sorted(categories, key=lambda c: c["id"])])
+    return load_lvis_json(json_file, image_root, None)
+
+
+def register_own_dataset(name: str, json_file: str, image_root: str, fmt: str = "coco") -> None:
+    """Register a COCO- or LVIS-format set under `name` with detectron2's loaders; registering the
+    same files again is a no-op, another dataset under a taken name an error."""
+    if fmt not in ("coco", "lvis"):
+        raise ValueError(f"Dataset {name!r}: format must be 'coco' or 'lvis', not {fmt!r}.")
+    if fmt == "lvis":
+        image_root = os.path.join(image_root, "")  # load_lvis_json appends coco_url's folder to it
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("json_file", None) == json_file and meta.get("image_root", None) == image_root:
+            return
+        raise ValueError(
+            f"Dataset {name!r} is already registered (json_file {meta.get('json_file', None)}), so it "
+            f"cannot be registered again with {json_file}: choose another name."
+        )
+    if fmt == "coco":
+        register_coco_instances(name, {}, json_file, image_root)
+    else:
+        DatasetCatalog.register(name, partial(_load_own_lvis, name, json_file, image_root))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
+    _wrap_with_check(name, "Check MODEL.REGIONSPOT.REGISTER_DATASETS (relative paths start at the "
+                           f"current directory, {os.getcwd()}).")
+
+
+def register_datasets_from_cfg(cfg) -> List[str]:
+    """Register each [name, json_file, image_root(, "coco"|"lvis")] of
+    MODEL.REGIONSPOT.REGISTER_DATASETS (idempotent); returns the names."""
+    entries: Sequence = cfg.MODEL.REGIONSPOT.REGISTER_DATASETS
+    names = []
+    for i, entry in enumerate(entries):
+        if (not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4)
+                or not all(isinstance(v, str) and v for v in entry)):
+            raise ValueError(
+                f"MODEL.REGIONSPOT.REGISTER_DATASETS[{i}] is {entry!r}; each entry must be "
+                '[name, json_file, image_root] or [name, json_file, image_root, "coco"|"lvis"], e.g. '
+                '[["mydata_train", "mydata/train.json", "mydata/images"]].'
+            )
+        name, json_file, image_root = entry[:3]
+        fmt = entry[3].lower() if len(entry) == 4 else "coco"
+        try:
+            register_own_dataset(name, os.path.expanduser(json_file), os.path.expanduser(image_root), fmt)
+        except ValueError as e:
+            raise ValueError(f"MODEL.REGIONSPOT.REGISTER_DATASETS[{i}]: {e}") from None
+        names.append(name)
+    return names
 
 
 _root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))

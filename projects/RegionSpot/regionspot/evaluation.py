@@ -1,4 +1,7 @@
 """Evaluators: detectron2's LVIS and COCO evaluators, fed RegionSpot's shared masks efficiently."""
+import contextlib
+import io
+import logging
 import os
 from typing import List, Optional
 
@@ -10,6 +13,8 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import BoxMode
 
 from .structures import IndexedMasks
+
+logger = logging.getLogger(__name__)
 
 
 def patch_lvis_for_numpy2() -> None:
@@ -58,13 +63,27 @@ class _SharedMaskProcess:
                 self._predictions.append(prediction)
 
 
-class RegionSpotLVISEvaluator(_SharedMaskProcess, LVISEvaluator):
+class _PrintsToLog:
+    """lvis and pycocotools print their progress and AP tables with print(): send that to the log
+    (the run's log.txt; the console only with --verbose), beside detectron2's own result tables."""
+
+    def evaluate(self):
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                return super().evaluate()
+        finally:
+            if buf.getvalue().strip():
+                logger.info("Evaluation output:\n" + buf.getvalue().rstrip())
+
+
+class RegionSpotLVISEvaluator(_PrintsToLog, _SharedMaskProcess, LVISEvaluator):
     def evaluate(self):
         patch_lvis_for_numpy2()
         return super().evaluate()
 
 
-class RegionSpotCOCOEvaluator(_SharedMaskProcess, COCOEvaluator):
+class RegionSpotCOCOEvaluator(_PrintsToLog, _SharedMaskProcess, COCOEvaluator):
     pass
 
 

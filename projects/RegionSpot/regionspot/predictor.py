@@ -20,7 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
-from .config import load_config
+from .config import get_regionspot_cfg
+from .datasets import register_datasets_from_cfg
 from .images import pil_to_numpy, read_image, to_uint8_image
 from .meta_arch import RegionSpot
 from .prompt_sources import SamAutoBoxes
@@ -247,6 +248,7 @@ class RegionSpotPredictor:
 
     @classmethod
     def from_config(cls, cfg: CfgNode, model: Optional[RegionSpot] = None, **kwargs):
+        register_datasets_from_cfg(cfg)  # a cfg built by hand may name its own datasets too
         if model is None:
             model = build_model(cfg)  # already on cfg.MODEL.DEVICE
             if cfg.MODEL.WEIGHTS:
@@ -264,9 +266,10 @@ class RegionSpotPredictor:
     def from_config_file(
         cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs
     ) -> "RegionSpotPredictor":
-        """Build from a RegionSpot YAML config, a checkpoint (None = the config's MODEL.WEIGHTS)
-        and "KEY VALUE" overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
-        cfg = load_config(config_file, opts, freeze=False)
+        """Build from a RegionSpot YAML config (a path, or a model-zoo name such as
+        "RegionSpot-BL.yaml"), a checkpoint (None = the config's MODEL.WEIGHTS) and "KEY VALUE"
+        overrides, e.g. ``opts=["MODEL.DEVICE", "cpu"]``."""
+        cfg = get_regionspot_cfg(config_file, opts)
         if weights is not None:
             cfg.MODEL.WEIGHTS = weights
         cfg.freeze()

@@ -18,6 +18,8 @@ from detectron2.data import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from .weights import download, is_url
+
 logger = logging.getLogger(__name__)
 _EPS = 1e-6
 
@@ -99,6 +101,8 @@ def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error
     """
     if missing not in ("error", "empty"):
         raise ValueError(f"MODEL.REGIONSPOT.MISSING_PROPOSALS must be 'error' or 'empty', not {missing!r}.")
+    if is_url(path):  # fetched once, with a timeout (detectron2's loader then reads the local copy)
+        path = download(path, "DATASETS.PROPOSAL_FILES_TEST", "proposals file")
     if path.endswith(".pkl"):
         with PathManager.open(path, "rb") as f:
             data = pickle.load(f, encoding="latin1")

@@ -4,6 +4,7 @@ The region token is the mask decoder's first output mask token (the one SAM uses
 ``multimask_output=False``). We read it with a forward hook on ``mask_decoder.transformer``,
 so the `segment_anything` package is used exactly as published.
 """
+import logging
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
+from detectron2.utils.logger import log_first_n
 from torch import nn
 
 from .config import check_regionspot_config
@@ -57,6 +59,13 @@ def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
 
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+# Why SAM's automatic mask generator may give an image no box at all, and what to change.
+SAM_AUTO_EMPTY_HINT = (
+    "SAM's automatic mask generator kept no mask: its predicted-IoU and stability thresholds filtered "
+    "every candidate (with random or tiny SAM weights they filter everything). Lower "
+    "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH and STABILITY_SCORE_THRESH (the tiny model needs 0 "
+    "for both), or give box prompts instead."
+)
 RANDOM_INIT_SEED = 0
 
 
@@ -77,7 +86,7 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint (MODEL.REGIONSPOT.SAM.CHECKPOINT)")
+        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint", "MODEL.REGIONSPOT.SAM.CHECKPOINT")
         state = state.get("model", state)
         try:
             if not isinstance(state, dict):
@@ -97,6 +106,17 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     return sam
 
 
+class ResizeAtLeastOnePixel(ResizeLongestSide):
+    """SAM's ResizeLongestSide, but no side shrinks below one pixel. SAM rounds each side, so an
+    extreme aspect ratio (e.g. a 4 x 4000 sliver at 256, or 1 x 4000 at 1024) gave a 0-pixel side
+    and failed in the resize. Boxes and points are scaled by the same sizes as the image."""
+
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
+        newh, neww = ResizeLongestSide.get_preprocess_shape(oldh, oldw, long_side_length)
+        return max(newh, 1), max(neww, 1)
+
+
 class _PrecomputedSamPredictor(SamPredictor):
     """SamPredictor whose `set_image` reuses an embedding we already computed for the whole image,
     so SAM's automatic mask generator does not run the image encoder a second time. Crops of the
@@ -105,6 +125,7 @@ class _PrecomputedSamPredictor(SamPredictor):
     def __init__(self, sam: Sam, embedding: torch.Tensor, input_size: Tuple[int, int],
                  original_size: Tuple[int, int]):
         super().__init__(sam)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)  # as our embedding was made
         self._embedding, self._input_size, self._original_size = embedding, input_size, original_size
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -143,7 +164,7 @@ class SamRegionEncoder(nn.Module):
         if int(decode_chunk) < 0:
             raise ValueError(f"MODEL.REGIONSPOT.SAM.DECODE_CHUNK must be >= 0 (0 = by device), got {decode_chunk}.")
         self.decode_chunk = int(decode_chunk)
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)
         self._captured: List[torch.Tensor] = []
         self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
         sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
@@ -172,7 +193,7 @@ class SamRegionEncoder(nn.Module):
     def preprocess(self, image: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """(3, H, W) RGB image, any dtype in [0, 255] -> (normalised padded input, resized size)."""
         h, w = image.shape[-2:]
-        newh, neww = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
+        newh, neww = self.transform.get_preprocess_shape(h, w, self.image_size)
         x = F.interpolate(
             image[None].float(), (newh, neww), mode="bilinear", align_corners=False, antialias=True
         )
@@ -257,6 +278,9 @@ class SamRegionEncoder(nn.Module):
         generator = SamAutomaticMaskGenerator(self.sam, **params)
         generator.predictor = _PrecomputedSamPredictor(self.sam, embedding, input_size, rgb.shape[:2])
         records = generator.generate(rgb)
+        if not records:
+            log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
+                        name="regionspot.sam_encoder")
         boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=embedding.device)
         boxes = boxes.view(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY

@@ -7,7 +7,6 @@ negative of its image, which keeps LVIS AP honest on it.
 import json
 import math
 import os
-import tempfile
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,11 +14,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
 from PIL import Image, ImageDraw
 
+from .file_io import atomic_write_bytes
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 220),
            "yellow": (230, 210, 30), "magenta": (200, 40, 200), "cyan": (30, 200, 210)}
 SHAPES = ("circle", "square", "triangle")
 DEFAULT_CLASSES = ("red_circle", "green_square", "blue_triangle",
                    "yellow_circle", "magenta_square", "cyan_triangle")
+# Every colour with every shape: what the quickstart's tiny encoders are pretrained on
+# (tools/pretrain_tiny_encoders.py), so colour and shape are learned apart from the six classes.
+ALL_CLASSES = tuple(f"{c}_{s}" for c in COLOURS for s in SHAPES)
 _FREQUENCIES = ("f", "c", "r")  # spread over classes so APr, APc and APf are all defined
 
 
@@ -33,7 +37,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[f
     return pts
 
 
-def _render(rng: np.random.RandomState, size: Tuple[int, int], classes: Sequence[str], max_objects: int):
+def render_scene(rng: np.random.RandomState, size: Tuple[int, int], classes: Sequence[str], max_objects: int):
+    """One image (PIL, `size` = (H, W)) of 1..max_objects non-overlapping shapes on noise.
+
+    `classes` are "<colour>_<shape>" names; returns (image, [(class index, polygon xy list)]).
+    """
     h, w = size
     base = rng.randint(90, 170)
     img = np.clip(base + rng.randn(h, w, 3) * 12, 0, 255).astype(np.uint8)
@@ -80,7 +88,7 @@ def make_synthetic_lvis(
     rng = np.random.RandomState(seed)
     images, annotations = [], []
     for i in range(num_images):
-        canvas, objects = _render(rng, image_size, classes, max_objects)
+        canvas, objects = render_scene(rng, image_size, classes, max_objects)
         fname = f"{split}_{i:05d}.png"
         # Atomic, because every process of a distributed run may generate the same files at once.
         tmp = os.path.join(root, split, f".{fname}.{os.getpid()}.tmp")
@@ -106,10 +114,7 @@ def make_synthetic_lvis(
                    "frequency": _FREQUENCIES[k % 3]} for k, n in enumerate(classes)]
     data = {"info": {"params": params}, "images": images, "annotations": annotations,
             "categories": categories, "licenses": []}
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, json_path)
+    atomic_write_bytes(json.dumps(data).encode("utf-8"), json_path)
     return json_path
 
 

@@ -17,6 +17,7 @@ from detectron2.utils import comm
 
 from .checkpoint import RegionSpotCheckpointer
 from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
+from .datasets import register_datasets_from_cfg
 from .evaluation import build_regionspot_evaluator
 from .head import RegionSpotHead
 from .proposals import attach_proposals
@@ -162,6 +163,19 @@ class RegionSpotTrainer(DefaultTrainer):
             super().__init__(cfg)
         encode_training_vocabularies(self._trainer.model, cfg.DATASETS.TRAIN)
 
+    def train(self):
+        """Train, then log where the trained head is (the last line of a training run)."""
+        results = super().train()
+        if comm.is_main_process() and self.cfg.OUTPUT_DIR:
+            files = [os.path.join(self.cfg.OUTPUT_DIR, f) for f in ("model_final.pth", "model_best.pth")]
+            files = [f for f in files if os.path.isfile(f)]
+            if files:
+                best = (f" (best by {self.cfg.MODEL.REGIONSPOT.BEST_METRIC}: {files[1]})"
+                        if len(files) > 1 and self.cfg.TEST.EVAL_PERIOD > 0 else "")
+                logger.info(f"Training done. The trained head is {files[0]}{best}; evaluate it with "
+                            f"--eval-only MODEL.WEIGHTS {files[0]}.")
+        return results
+
     def build_hooks(self) -> List:
         # Hooks capture self.checkpointer, so swap in ours (head-only, original-layout aware) first.
         self.checkpointer = RegionSpotCheckpointer(
@@ -191,6 +205,7 @@ class RegionSpotTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """One loader per DATASETS.TRAIN entry (its own mapper, vocabulary and sampler), mixed by ratio."""
+        register_datasets_from_cfg(cfg)  # a cfg built by hand may name its own datasets
         names = list(cfg.DATASETS.TRAIN)
         if not names:
             raise ValueError("DATASETS.TRAIN is empty: nothing to train on.")
@@ -205,6 +220,7 @@ class RegionSpotTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
+        register_datasets_from_cfg(cfg)
         c = cfg.MODEL.REGIONSPOT
         proposal_file = ""
         if c.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
