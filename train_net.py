@@ -18,6 +18,7 @@ import regionspot  # noqa: F401  (registers the meta-architecture and datasets)
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from regionspot import lazy_engine
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.console import ProgressBar, setup_run_logging
@@ -35,6 +36,8 @@ def setup(args):
 
 
 def main(args):
+    if str(args.config_file).endswith(".py"):  # a LazyConfig: detectron2's lazyconfig_train_net route
+        return lazy_engine.main(args)
     cfg = setup(args)
     if args.eval_only:
         if cfg.TEST.AUG.ENABLED:

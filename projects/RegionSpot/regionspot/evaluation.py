@@ -88,17 +88,28 @@ class RegionSpotCOCOEvaluator(_PrintsToLog, _SharedMaskProcess, COCOEvaluator):
 
 
 def build_regionspot_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluator:
-    """LVIS-format data -> LVISEvaluator, COCO-format -> COCOEvaluator; bbox, plus segm with masks."""
+    """`regionspot_evaluator` as a yacs config says: masks if MASK_ON, TEST.DETECTIONS_PER_IMAGE."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return regionspot_evaluator(dataset_name, output_folder, mask_on=cfg.MODEL.REGIONSPOT.MASK_ON,
+                                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+
+def regionspot_evaluator(dataset_name: str, output_dir: Optional[str] = None, *, mask_on: bool = True,
+                         max_dets_per_image: int = 300) -> DatasetEvaluator:
+    """LVIS-format data -> LVISEvaluator, COCO-format -> COCOEvaluator; bbox, plus segm with masks.
+
+    Args:
+        dataset_name: a registered dataset; its metadata's `evaluator_type` picks the evaluator.
+        output_dir: where the results JSON goes (None = nowhere).
+        mask_on: evaluate masks too.
+        max_dets_per_image: detections per image the evaluator counts (LVIS allows 300).
+    """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
-    tasks = ("bbox", "segm") if cfg.MODEL.REGIONSPOT.MASK_ON else ("bbox",)
-    max_dets = cfg.TEST.DETECTIONS_PER_IMAGE
+    tasks = ("bbox", "segm") if mask_on else ("bbox",)
     if evaluator_type == "lvis":
-        return RegionSpotLVISEvaluator(dataset_name, tasks, True, output_folder, max_dets_per_image=max_dets)
+        return RegionSpotLVISEvaluator(dataset_name, tasks, True, output_dir, max_dets_per_image=max_dets_per_image)
     if evaluator_type == "coco":
-        return RegionSpotCOCOEvaluator(
-            dataset_name, tasks, True, output_folder, max_dets_per_image=max_dets,
-        )
+        return RegionSpotCOCOEvaluator(dataset_name, tasks, True, output_dir, max_dets_per_image=max_dets_per_image)
     raise NotImplementedError(
         f"No evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
         "RegionSpot evaluates LVIS- and COCO-format datasets."

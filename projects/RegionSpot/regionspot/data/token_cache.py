@@ -39,11 +39,16 @@ def token_file(folder: str, image_id) -> str:
     return os.path.join(folder, f"{safe}.pth")
 
 
+def sam_weights_key(sam_type: str, checkpoint: str = "", seed: int = 0) -> str:
+    """Which SAM weights these are: type, checkpoint, and the seed of a random init."""
+    random_init = checkpoint == "random" or (sam_type == "tiny" and checkpoint == "")
+    return f"{sam_type}|{checkpoint or 'official'}" + (f"|seed={seed}" if random_init else "")
+
+
 def sam_weights_id(cfg) -> str:
-    """Which SAM weights the config means: type, checkpoint, and the seed of a random init."""
+    """`sam_weights_key` of the SAM a yacs config means."""
     c = cfg.MODEL.REGIONSPOT
-    random_init = c.SAM.CHECKPOINT == "random" or (c.SAM.TYPE == "tiny" and c.SAM.CHECKPOINT == "")
-    return f"{c.SAM.TYPE}|{c.SAM.CHECKPOINT or 'official'}" + (f"|seed={c.RANDOM_INIT_SEED}" if random_init else "")
+    return sam_weights_key(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
 
 
 def source_key(dataset_dict: Dict, sam_weights: str = "") -> str:

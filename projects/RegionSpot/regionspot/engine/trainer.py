@@ -1,9 +1,11 @@
-"""`DefaultTrainer` for RegionSpot: only what differs from detectron2's defaults is overridden."""
+"""`DefaultTrainer` for RegionSpot (only what differs from detectron2's defaults is overridden), and the
+building blocks it shares with the LazyConfig engine (`lazy_engine.py`): datasets, loader mixing,
+optimizer, DDP, vocabulary warm-up."""
 import contextlib
 import logging
 import os
 import weakref
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +50,77 @@ class MultiDatasetLoader:
             yield next(iters[rng.choice(len(iters), p=self.probs)])
 
 
+def mix_loaders(loaders: Sequence, ratios: Sequence[float] = (), seed: int = 0):
+    """One loader as it is; several mixed batch by batch by `ratios` ([] = equal): `MultiDatasetLoader`."""
+    if len(loaders) == 1:
+        return loaders[0]
+    return MultiDatasetLoader(loaders, list(ratios) or [1.0] * len(loaders), seed=seed)
+
+
+def train_dataset_dicts(name: str, *, filter_empty: bool = True, token_folder: Optional[str] = None) -> List[Dict]:
+    """The dataset dicts of one training set; with a token folder (cached tokens), only the images
+    that have a token file, saying how many lack one."""
+    dicts = get_detection_dataset_dicts([name], filter_empty=filter_empty)
+    warn_degenerate_annotations(dicts, name)
+    if token_folder is None:
+        return dicts
+    kept = [d for d in dicts if os.path.isfile(token_file(token_folder, d["image_id"]))]
+    if not kept:
+        raise FileNotFoundError(
+            f"No cached SAM tokens for dataset {name!r} in {token_folder}: run tools/extract_sam_tokens.py "
+            "first, or set MODEL.REGIONSPOT.TOKEN_MODE online."
+        )
+    if len(kept) < len(dicts):
+        logger.warning(f"{len(dicts) - len(kept)} of {len(dicts)} images of {name!r} have no cached "
+                       f"SAM tokens in {token_folder} and are left out of training.")
+    return kept
+
+
+def eval_dataset_dicts(name: str, *, proposal_file: str = "", missing_proposals: str = "error",
+                       proposal_box_mode: str = "XYXY") -> List[Dict]:
+    """The dataset dicts of one evaluation set (empty images kept), with the proposals of
+    `proposal_file` attached when one is given (see `proposals.attach_proposals`)."""
+    dicts = get_detection_dataset_dicts([name], filter_empty=False)
+    warn_degenerate_annotations(dicts, name, evaluation=True)
+    if proposal_file:
+        attach_proposals(dicts, proposal_file, missing_proposals, proposal_box_mode)
+    return dicts
+
+
+def build_regionspot_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
+                               full_model_clip_norm: Optional[float] = None,
+                               optimizer_cls=torch.optim.AdamW) -> torch.optim.Optimizer:
+    """AdamW (or `optimizer_cls`) over the trainable parameters of the fusion head(s). With
+    `full_model_clip_norm`, the gradient norm of all of them together is clipped to it before each
+    step (the paper's recipe)."""
+    if full_model_clip_norm:
+        optimizer_cls = _with_full_model_clipping(optimizer_cls, full_model_clip_norm)
+    # Only the fusion head learns (in a GeneralizedRCNN too: its backbone and RPN stay put).
+    params = [p for m in model.modules() if isinstance(m, RegionSpotHead) for p in m.parameters()
+              if p.requires_grad]
+    return optimizer_cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def check_amp_device(amp: bool, device: str, amp_key: str = "SOLVER.AMP.ENABLED",
+                     device_key: str = "MODEL.DEVICE") -> None:
+    """detectron2's AMPTrainer needs CUDA: refuse AMP elsewhere, naming the keys."""
+    if amp and not str(device).startswith("cuda"):
+        raise ValueError(
+            f"{amp_key}=True needs CUDA (detectron2's AMPTrainer), but {device_key} is "
+            f"{device!r}: set {amp_key} False to train on this device."
+        )
+
+
+def encode_training_vocabularies(model: torch.nn.Module, names: Sequence[str]) -> None:
+    """Encode every training vocabulary once, on the main process, into the on-disk cache; the
+    other processes then read it instead of each encoding ~1M prompts themselves."""
+    pipeline = find_pipeline(model)
+    if comm.is_main_process():
+        for name in names:
+            pipeline.text_embeddings(name)
+    comm.synchronize()
+
+
 def _with_full_model_clipping(optimizer_cls, max_norm: float):
     """The optimizer class, clipping the gradient norm of all its parameters together before each step."""
 
@@ -61,41 +134,34 @@ def _with_full_model_clipping(optimizer_cls, max_norm: float):
     return FullModelClipped
 
 
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs):
+    """detectron2's `create_ddp_model`, for a model on the CPU too: detectron2 always passes
+    device_ids=[local_rank], which DDP refuses for a CPU model; such a model gets device_ids=None,
+    so multi-process training works with the gloo backend too."""
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
 @contextlib.contextmanager
 def _ddp_for_cpu_models():
-    """detectron2's `create_ddp_model` always passes device_ids=[local_rank], which DDP refuses for
-    a model on the CPU. While the trainer is built, give CPU models device_ids=None instead, so
-    multi-process training works with the gloo backend too."""
-    original = d2_defaults.create_ddp_model
-
-    def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
-            kwargs.setdefault("device_ids", None)
-        return original(model, **kwargs)
-
+    """While the trainer is built, DefaultTrainer calls our `create_ddp_model`."""
     d2_defaults.create_ddp_model = create_ddp_model
     try:
         yield
     finally:
-        d2_defaults.create_ddp_model = original
+        d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
 class RegionSpotTrainer(DefaultTrainer):
     def __init__(self, cfg):
-        if cfg.SOLVER.AMP.ENABLED and not str(cfg.MODEL.DEVICE).startswith("cuda"):
-            raise ValueError(
-                f"SOLVER.AMP.ENABLED=True needs CUDA (detectron2's AMPTrainer), but MODEL.DEVICE is "
-                f"{cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False to train on this device."
-            )
+        check_amp_device(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
         with _ddp_for_cpu_models():
             super().__init__(cfg)
-        # Encode every training vocabulary once, on the main process, into the on-disk cache;
-        # the other processes then read it instead of each encoding ~1M prompts themselves.
-        pipeline = find_pipeline(self._trainer.model)
-        if comm.is_main_process():
-            for name in cfg.DATASETS.TRAIN:
-                pipeline.text_embeddings(name)
-        comm.synchronize()
+        encode_training_vocabularies(self._trainer.model, cfg.DATASETS.TRAIN)
 
     def train(self):
         """Train, then log where the trained head is (the last line of a training run)."""
@@ -129,15 +195,12 @@ class RegionSpotTrainer(DefaultTrainer):
         """AdamW over the trainable (head) parameters, clipped as SOLVER.CLIP_GRADIENTS says:
         CLIP_TYPE "full_model" clips the norm of all of them together (the paper's recipe);
         "value"/"norm" are detectron2's per-parameter clippers."""
-        # Only the fusion head learns (in a GeneralizedRCNN too: its backbone and RPN stay put).
-        params = [p for m in model.modules() if isinstance(m, RegionSpotHead) for p in m.parameters()
-                  if p.requires_grad]
         clip = cfg.SOLVER.CLIP_GRADIENTS
+        kwargs = dict(lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-            optimizer_cls = _with_full_model_clipping(torch.optim.AdamW, clip.CLIP_VALUE)
-        else:
-            optimizer_cls = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
-        return optimizer_cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+            return build_regionspot_optimizer(model, full_model_clip_norm=clip.CLIP_VALUE, **kwargs)
+        return build_regionspot_optimizer(
+            model, optimizer_cls=maybe_add_gradient_clipping(cfg, torch.optim.AdamW), **kwargs)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -146,41 +209,21 @@ class RegionSpotTrainer(DefaultTrainer):
         names = list(cfg.DATASETS.TRAIN)
         if not names:
             raise ValueError("DATASETS.TRAIN is empty: nothing to train on.")
+        c = cfg.MODEL.REGIONSPOT
         loaders = []
         for name in names:
-            dicts = get_detection_dataset_dicts([name], filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-            warn_degenerate_annotations(dicts, name)
-            if cfg.MODEL.REGIONSPOT.TOKEN_MODE == "cached":
-                dicts = cls._with_cached_tokens(cfg, name, dicts)
+            folder = token_cache_folder(c.TOKEN_CACHE_DIR, name, c.SAM.TYPE) if c.TOKEN_MODE == "cached" else None
+            dicts = train_dataset_dicts(name, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS, token_folder=folder)
             mapper = RegionSpotDatasetMapper(cfg, is_train=True, dataset_name=name)
             loaders.append(build_detection_train_loader(cfg, mapper=mapper, dataset=dicts))
-        if len(loaders) == 1:
-            return loaders[0]
-        ratios = list(cfg.MODEL.REGIONSPOT.DATASET_RATIOS) or [1.0] * len(loaders)
-        return MultiDatasetLoader(loaders, ratios, seed=max(cfg.SEED, 0))
-
-    @staticmethod
-    def _with_cached_tokens(cfg, name: str, dicts: List) -> List:
-        """Keep the images that have a token file; say how many lack one."""
-        c = cfg.MODEL.REGIONSPOT
-        folder = token_cache_folder(c.TOKEN_CACHE_DIR, name, c.SAM.TYPE)
-        kept = [d for d in dicts if os.path.isfile(token_file(folder, d["image_id"]))]
-        if not kept:
-            raise FileNotFoundError(
-                f"No cached SAM tokens for dataset {name!r} in {folder}: run tools/extract_sam_tokens.py "
-                "first, or set MODEL.REGIONSPOT.TOKEN_MODE online."
-            )
-        if len(kept) < len(dicts):
-            logger.warning(f"{len(dicts) - len(kept)} of {len(dicts)} images of {name!r} have no cached "
-                           f"SAM tokens in {folder} and are left out of training.")
-        return kept
+        return mix_loaders(loaders, c.DATASET_RATIOS, seed=max(cfg.SEED, 0))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name: str):
         register_datasets_from_cfg(cfg)
-        dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        warn_degenerate_annotations(dicts, dataset_name, evaluation=True)
-        if cfg.MODEL.REGIONSPOT.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
+        c = cfg.MODEL.REGIONSPOT
+        proposal_file = ""
+        if c.PROMPT == "proposals" or cfg.MODEL.LOAD_PROPOSALS:
             names = list(cfg.DATASETS.TEST)
             files = list(cfg.DATASETS.PROPOSAL_FILES_TEST)
             if dataset_name not in names or len(files) != len(names):
@@ -188,8 +231,9 @@ class RegionSpotTrainer(DefaultTrainer):
                     "MODEL.REGIONSPOT.PROMPT='proposals' needs one DATASETS.PROPOSAL_FILES_TEST entry "
                     f"per DATASETS.TEST entry; got {files} for {names}."
                 )
-            attach_proposals(dicts, files[names.index(dataset_name)],
-                             cfg.MODEL.REGIONSPOT.MISSING_PROPOSALS, cfg.MODEL.REGIONSPOT.PROPOSAL_BOX_MODE)
+            proposal_file = files[names.index(dataset_name)]
+        dicts = eval_dataset_dicts(dataset_name, proposal_file=proposal_file, missing_proposals=c.MISSING_PROPOSALS,
+                                   proposal_box_mode=c.PROPOSAL_BOX_MODE)
         mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
         batch = cfg.MODEL.REGIONSPOT.TEST_IMS_PER_BATCH
         if batch < 1:
