@@ -8,12 +8,12 @@ from detectron2.config import LazyCall as L
 from detectron2.data import build_detection_test_loader
 from omegaconf import OmegaConf
 
-from regionspot.dataset_mapper import RegionSpotDatasetMapper
+from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.evaluation import regionspot_evaluator
-from regionspot.prompt_sources import GTBoxes
-from regionspot.lazy import build_lr_multiplier, build_regionspot, build_train_loader
-from regionspot.text_embeddings import get_templates
-from regionspot.trainer import build_regionspot_optimizer, eval_dataset_dicts
+from regionspot.modeling.prompt_sources import GTBoxes
+from regionspot.engine.lazy import build_lr_multiplier, build_regionspot, build_train_loader
+from regionspot.modeling.text_embeddings import get_templates
+from regionspot.engine.trainer import build_regionspot_optimizer, eval_dataset_dicts
 
 # The arguments of RegionSpot (meta_arch.py), plus the encoders' and the head's; the head's widths
 # come from the built encoders. Each key is the yacs key of the same name under MODEL.REGIONSPOT.

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import train_net
 from regionspot import RegionSpot, add_regionspot_config
-from regionspot import lazy as rs_lazy
-from regionspot import region_pipeline
-from regionspot.synthetic import make_synthetic_lvis, register_synthetic_lvis
-from regionspot.token_extraction import extract_tokens
-from regionspot.trainer import RegionSpotTrainer
+from regionspot.engine import lazy as rs_lazy
+from regionspot.modeling import region_pipeline
+from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
+from regionspot.data.token_extraction import extract_tokens
+from regionspot.engine.trainer import RegionSpotTrainer
 
 from conftest import CONFIG_DIR, TINY_CONFIG, tiny_cfg
 
@@ -292,7 +292,7 @@ def test_lazy_eval_with_proposals_gives_the_yacs_detections(synthetic_val, head_
     yacs_res, lazy_res, a, b = _eval_both(
         tmp_path, synthetic_val, head_weights,
         ("MODEL.REGIONSPOT.PROMPT", "proposals", "DATASETS.PROPOSAL_FILES_TEST", f'("{path}",)'),
-        ("model.prompt_source._target_=regionspot.prompt_sources.ProposalBoxes",
+        ("model.prompt_source._target_=regionspot.modeling.prompt_sources.ProposalBoxes",
          f"dataloader.test.dataset.proposal_file={path}",
          "dataloader.test.mapper.precomputed_proposal_topk=1000"))
     assert lazy_res == yacs_res and a == b

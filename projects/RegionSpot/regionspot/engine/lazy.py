@@ -11,12 +11,12 @@ from detectron2.data import build_detection_train_loader
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
 
-from .clip_encoder import ClipImageTextEncoder, build_clip
-from .dataset_mapper import RegionSpotDatasetMapper
-from .head import RegionSpotHead
-from .meta_arch import RegionSpot
-from .sam_encoder import SamRegionEncoder, build_sam
-from .token_cache import sam_weights_key, token_cache_folder
+from ..modeling.clip_encoder import ClipImageTextEncoder, build_clip
+from ..data.dataset_mapper import RegionSpotDatasetMapper
+from ..modeling.head import RegionSpotHead
+from ..modeling.meta_arch import RegionSpot
+from ..modeling.sam_encoder import SamRegionEncoder, build_sam
+from ..data.token_cache import sam_weights_key, token_cache_folder
 from .trainer import mix_loaders, train_dataset_dicts
 
 # The arguments of `build_regionspot`'s `sam`, `clip` and `head` dicts, with their defaults

@@ -10,7 +10,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from .checkpoint import RegionSpotCheckpointer
+from ..checkpoint import RegionSpotCheckpointer
 from .trainer import check_amp_device, create_ddp_model, encode_training_vocabularies
 
 logger = logging.getLogger("detectron2")
