@@ -256,10 +256,12 @@ class RegionPipeline(nn.Module):
 
     def detections(self, probs: torch.Tensor, boxes: torch.Tensor, low_res: Optional[torch.Tensor],
                    image_size: Tuple[int, int], input_size: Tuple[int, int], out_size: Tuple[int, int],
-                   max_dets: int) -> Instances:
+                   max_dets: int, box_mask_size: int = 0) -> Instances:
         """Evaluation's output of one image: its `max_dets` best (box, class) pairs (`top_pairs`) as
         `Instances` at `out_size`, boxes rescaled from `image_size`, one mask per kept box shared by
-        its classes (`IndexedMasks`)."""
+        its classes (`IndexedMasks`). With `box_mask_size`, masks are instead box-local
+        probabilities of that side (`SamRegionEncoder.box_masks`), as detectron2's
+        `detector_postprocess` expects them."""
         result = Instances(out_size)
         box_idx, classes, scores = top_pairs(probs, max_dets)
         scale = boxes.new_tensor([out_size[1] / image_size[1], out_size[0] / image_size[0]]).repeat(2)
@@ -268,7 +270,11 @@ class RegionPipeline(nn.Module):
         result.pred_classes = classes
         if self.mask_on and low_res is not None:
             unique, inverse = torch.unique(box_idx, return_inverse=True)
-            result.pred_masks = IndexedMasks(self.paste_masks(low_res[unique], input_size, out_size), inverse)
+            if box_mask_size:
+                masks = self.sam_encoder.box_masks(low_res[unique], input_size, image_size, boxes[unique], box_mask_size)
+                result.pred_masks = masks[inverse]
+            else:
+                result.pred_masks = IndexedMasks(self.paste_masks(low_res[unique], input_size, out_size), inverse)
         return result
 
     def recognize(self, sam_emb: torch.Tensor, input_sizes: List[Tuple[int, int]], clip_tokens: torch.Tensor,

@@ -11,10 +11,10 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY, ROIHeads
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList, Instances
 
 from ..checkpoint import RegionSpotCheckpointer
-from .region_pipeline import RegionPipeline, sanitize_boxes, top_pairs
+from .region_pipeline import RegionPipeline, sanitize_boxes
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -111,17 +111,6 @@ class RegionSpotROIHeads(ROIHeads):
             scores.append(p.objectness_logits[keep].sigmoid().float() if use else None)
         regions = rs.recognize(sam_emb, input_sizes, clip_tokens, sizes, boxes,
                                [self.test_vocabulary] * len(rgb), scores)
-        results = []
-        for i, r in enumerate(regions):
-            region, classes, pair_scores = top_pairs(r["probs"], self.max_dets)
-            inst = Instances(sizes[i])
-            inst.pred_boxes = Boxes(boxes[i][region])
-            inst.scores = pair_scores
-            inst.pred_classes = classes
-            if rs.mask_on:
-                unique, inverse = torch.unique(region, return_inverse=True)
-                masks = rs.sam_encoder.box_masks(r["low_res"][unique], input_sizes[i], sizes[i], boxes[i][unique],
-                                                 self.mask_size)
-                inst.pred_masks = masks[inverse]
-            results.append(inst)
-        return results
+        # Box-local masks at the detector's image size: GeneralizedRCNN's post-processing rescales.
+        return [rs.detections(r["probs"], boxes[i], r["low_res"], sizes[i], input_sizes[i], sizes[i], self.max_dets,
+                              box_mask_size=self.mask_size) for i, r in enumerate(regions)]
