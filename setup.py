@@ -60,5 +60,11 @@ setup(
         "lvis",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest"]},
+    # Optional backbones (regionspot/utils/extras.py names them in its errors). sam2 is an sdist
+    # whose only compiled part is an optional CUDA op: install with SAM2_BUILD_CUDA=0.
+    extras_require={
+        "dev": ["pytest"],
+        "sam2": ["sam2==1.1.0", "hydra-core>=1.3.2"],
+        "open_clip": ["open-clip-torch==3.3.0"],
+    },
 )

@@ -9,9 +9,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REGIONSPOT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-STAMP="$VENV/.regionspot-env-v1"
+STAMP="$VENV/.regionspot-env-v2"
 
-if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis" 2>/dev/null; then
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip" 2>/dev/null; then
   exit 0
 fi
 
@@ -40,6 +40,10 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "${PIP[@]}" --no-deps "$WHEELDIR"/sal_detectron2-0.7.2-py3-none-any.whl
   rm -rf "$WHEELDIR"
 fi
+# The optional backbones (setup.py's extras sam2 and open_clip), so the tests cover them. sam2 is
+# an sdist: SAM2_BUILD_CUDA=0 skips its optional CUDA op, and --no-build-isolation builds it
+# against the torch above (an isolated build would fetch another multi-GB torch).
+SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2

@@ -16,8 +16,10 @@ def add_regionspot_config(cfg: CN) -> None:
     _C = cfg.MODEL.REGIONSPOT = CN()
 
     _C.SAM = CN()
-    # SAM variant: vit_b | vit_l | vit_h, or "tiny" (a small SAM for tests and the quickstart:
-    # random, or the quickstart's pretrained one with CHECKPOINT regionspot://pretrained/...).
+    # SAM variant: vit_b | vit_l | vit_h (segment_anything), sam2.1_hiera_t | sam2.1_hiera_s |
+    # sam2.1_hiera_b+ | sam2.1_hiera_l (SAM 2.1, extra `regionspot[sam2]`), or "tiny" /
+    # "sam2_tiny" (small ones for tests and the quickstart: random, or the quickstart's
+    # pretrained SAM with CHECKPOINT regionspot://pretrained/...).
     _C.SAM.TYPE = "vit_b"
     # Local path, http(s) URL (downloaded once, cached by iopath; every download gives up after
     # $REGIONSPOT_DOWNLOAD_TIMEOUT seconds without data, default 60) or regionspot://<file>
@@ -34,12 +36,22 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM.FUSED_ATTENTION = True
 
     _C.CLIP = CN()
-    # A name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...) or "tiny".
+    # Which package builds the vision-language model: "clip" (OpenAI's `clip` package, the
+    # paper's) or "open_clip" (any open_clip model: DFN, MetaCLIP, EVA, SigLIP, ...; extra
+    # `regionspot[open_clip]`).
+    _C.CLIP.BACKEND = "clip"
+    # BACKEND clip: a name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...)
+    # or "tiny". BACKEND open_clip: an open_clip model name (ViT-L-14-quickgelu,
+    # ViT-SO400M-14-SigLIP-384, ...) or "tiny".
     _C.CLIP.NAME = "ViT-B/16"
+    # BACKEND open_clip: the pretrained tag open_clip downloads when CHECKPOINT is "" (dfn2b,
+    # metaclip_fullcc, webli, ...; see open_clip.list_pretrained_tags_by_model).
+    _C.CLIP.PRETRAINED = ""
     # Local path, http(s) URL or regionspot://<file> of an OpenAI-format CLIP file (TorchScript
     # or plain state dict, optionally gzip-compressed). "" = download CLIP.NAME from the clip
     # package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked; "tiny": random), "random" =
-    # random init.
+    # random init. BACKEND open_clip: a local path, URL or regionspot://<file> of a weights file
+    # open_clip's `pretrained=` reads; "" = the PRETRAINED tag (none: random), "random" = random.
     _C.CLIP.CHECKPOINT = ""
     # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's).
     _C.CLIP.DOWNLOAD_ROOT = ""
@@ -176,6 +188,9 @@ def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = (), freeze: 
     return cfg
 
 
+CLIP_BACKENDS = ("clip", "open_clip")
+
+
 def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
                   high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
     """Raise ValueError naming `key` unless `value` is a finite number (an int if `integer`) in range."""
@@ -203,6 +218,8 @@ def check_regionspot_config(cfg: CN) -> None:
     c = cfg.MODEL.REGIONSPOT
     k = "MODEL.REGIONSPOT."
     _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
+    if c.CLIP.BACKEND not in CLIP_BACKENDS:
+        raise ValueError(f"Unknown {k}CLIP.BACKEND {c.CLIP.BACKEND!r}; choose one of {CLIP_BACKENDS}.")
     _check_number(k + "CLIP.INPUT_SIZE", c.CLIP.INPUT_SIZE, integer=True, low=1)
     _check_number(k + "RANDOM_INIT_SEED", c.RANDOM_INIT_SEED, integer=True)
     _check_number(k + "HEAD.NUM_LAYERS", c.HEAD.NUM_LAYERS, integer=True, low=1)

@@ -541,7 +541,7 @@ class RegionSpotPredictor:
             raise RuntimeError("No image is set: call set_image(image) before sam_auto_boxes().")
         f = self._features
         image = torch.from_numpy(np.array(f.transform.apply_image(self._image))).permute(2, 0, 1)
-        boxes = self.sam_auto([{}], [image.to(self.device)], (f.sam_embedding[None], [f.input_size], None),
+        boxes = self.sam_auto([{}], [image.to(self.device)], ([f.sam_embedding], [f.input_size], None),
                               self.model)[0][0]
         return _transformed(f.transform.inverse(), boxes, True)
 

@@ -41,7 +41,7 @@ def token_file(folder: str, image_id) -> str:
 
 def sam_weights_key(sam_type: str, checkpoint: str = "", seed: int = 0) -> str:
     """Which SAM weights these are: type, checkpoint, and the seed of a random init."""
-    random_init = checkpoint == "random" or (sam_type == "tiny" and checkpoint == "")
+    random_init = checkpoint == "random" or (sam_type in ("tiny", "sam2_tiny") and checkpoint == "")
     return f"{sam_type}|{checkpoint or 'official'}" + (f"|seed={seed}" if random_init else "")
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import check_regionspot_config
 from ..utils.weights import download, open_weights, resolve_weights
+from .text_embeddings import clip_fingerprint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,9 +122,15 @@ def _is_torchscript(source) -> bool:
 
 
 def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
-    """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode)."""
+    """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode):
+    a ClipImageTextEncoder, or for BACKEND open_clip an OpenClipImageTextEncoder with the same
+    methods."""
     check_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
+    if c.CLIP.BACKEND == "open_clip":
+        from .open_clip_encoder import build_open_clip_encoder  # optional package: imported on demand
+
+        return build_open_clip_encoder(cfg)
     model = build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
     return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE, c.CLIP.RESIZE_MODE, c.CLIP.ANTIALIAS).eval()
 
@@ -159,6 +166,18 @@ class ClipImageTextEncoder(nn.Module):
                              f"multiple of its patch size {patch}.")
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def compile_targets(self, autocast: bool = False) -> Tuple[nn.Module, ...]:
+        """The module `compile_frozen` compiles: the image transformer."""
+        return (self.clip_model.visual.transformer,)
+
+    def text_fingerprint(self) -> str:
+        """A digest of the text tower (see `clip_fingerprint`): keys the text-embedding cache."""
+        return clip_fingerprint(self.clip_model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
 
     @property
     def width(self) -> int:

@@ -52,16 +52,10 @@ def sanitize_boxes(boxes: torch.Tensor, image_size: Tuple[int, int], where: str 
 
 def compile_frozen(sam_encoder: SamRegionEncoder, clip_encoder: ClipImageTextEncoder, mode: str,
                    autocast: bool = False) -> None:
-    """torch.compile the networks that dominate inference time, in place: SAM's image encoder and
-    mask decoder, and CLIP's image transformer. `Module.compile` keeps parameter names, so
-    checkpoints load as before, and the region-token hook on the decoder keeps working.
-
-    Under autocast the mask decoder is compiled as its two heavy parts (two-way transformer,
-    output upscaling) rather than whole: inductor's whole-decoder graph returned NaN tokens and
-    masks in bf16 on a CPU (SAM ViT-B; each part alone is exact and keeps most of the gain)."""
-    decoder = sam_encoder.sam.mask_decoder
-    decoder_parts = (decoder.transformer, decoder.output_upscaling) if autocast else (decoder,)
-    for module in (sam_encoder.sam.image_encoder, *decoder_parts, clip_encoder.clip_model.visual.transformer):
+    """torch.compile the networks that dominate inference time, in place: each encoder names
+    them (`compile_targets`). `Module.compile` keeps parameter names, so checkpoints load as
+    before, and hooks on the compiled modules keep working."""
+    for module in (*sam_encoder.compile_targets(autocast), *clip_encoder.compile_targets(autocast)):
         module.compile(mode=None if mode == "default" else mode)
 
 

@@ -139,9 +139,14 @@ class _PrecomputedSamPredictor(SamPredictor):
 
 
 def build_sam_encoder(cfg) -> "SamRegionEncoder":
-    """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode)."""
+    """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode):
+    a SamRegionEncoder, or for the SAM 2 types a Sam2RegionEncoder with the same methods."""
     check_regionspot_config(cfg)
     c = cfg.MODEL.REGIONSPOT
+    if c.SAM.TYPE.startswith("sam2"):
+        from .sam2_encoder import build_sam2_encoder  # optional package: imported on demand
+
+        return build_sam2_encoder(cfg)
     sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
     return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
 
@@ -181,6 +186,15 @@ class SamRegionEncoder(nn.Module):
         if self.decode_chunk:
             return self.decode_chunk
         return 4 if device.type == "cpu" else 64
+
+    def compile_targets(self, autocast: bool = False) -> Tuple[nn.Module, ...]:
+        """The modules `compile_frozen` compiles: the image encoder and the mask decoder. Under
+        autocast the decoder is compiled as its two heavy parts (two-way transformer, output
+        upscaling) rather than whole: inductor's whole-decoder graph returned NaN tokens and
+        masks in bf16 on a CPU (SAM ViT-B; each part alone is exact and keeps most of the gain)."""
+        decoder = self.sam.mask_decoder
+        parts = (decoder.transformer, decoder.output_upscaling) if autocast else (decoder,)
+        return (self.sam.image_encoder, *parts)
 
     @property
     def image_size(self) -> int:

@@ -13,7 +13,6 @@ import torch
 from .text_embeddings import (
     cached_class_embeddings,
     check_vocabulary,
-    clip_fingerprint,
     load_embedding_file,
     parse_vocabulary,
     read_custom_vocabulary,
@@ -78,13 +77,13 @@ class Vocabulary:
 
     @property
     def device(self) -> torch.device:
-        return self.clip_encoder.pixel_mean.device
+        return self.clip_encoder.device
 
     @property
     def fingerprint(self) -> str:
         """A digest of the CLIP text tower: embeddings of another CLIP are never reused."""
         if self._fingerprint is None:
-            self._fingerprint = clip_fingerprint(self.clip_encoder.clip_model)
+            self._fingerprint = self.clip_encoder.text_fingerprint()
         return self._fingerprint
 
     def forget(self) -> None:
