@@ -88,62 +88,68 @@ def _gt_by_image(dataset):
     return out
 
 
+def make_oracle_checkpoint(cfg, dataset: str, path, original_layout: bool = True) -> str:
+    """Write a checkpoint of the model `cfg` builds whose head is an oracle on `dataset`: every gt
+    region gets its own class on top (see test_eval_e2e.py's docstring). `original_layout` writes
+    the original release's key names (SAM ViT / OpenAI CLIP only); else our own."""
+    torch.manual_seed(1234)
+    model = build_model(cfg).eval()
+    head = model.head
+    with torch.no_grad():
+        for layer in head.decoder.layers:
+            for attn in (layer.self_attn, layer.multihead_attn):
+                attn.out_proj.weight.zero_()
+                attn.out_proj.bias.zero_()
+            layer.linear2.weight.zero_()
+            layer.linear2.bias.zero_()
+        for m in head.modules():
+            if isinstance(m, torch.nn.LayerNorm):  # as built; the construction relies on it
+                assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+    # The region tokens exactly as the evaluation computes them: same mapper, one image a batch.
+    mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset)
+    feats, labels, per_image = [], [], []
+    for d in DatasetCatalog.get(dataset):
+        x = mapper(d)
+        sam_emb, _, clip_tokens = model.encode_images([x["image"]])
+        tokens, _ = model.decode_regions(sam_emb[0], tuple(x["image"].shape[-2:]), boxes=x["instances"].gt_boxes.tensor)
+        with torch.no_grad():
+            h = head.decoder(head.to_clip(tokens)[None], clip_tokens)[0]
+            h_ln = F.layer_norm(head.to_clip(tokens), (h.shape[-1],))
+        torch.testing.assert_close(h, h_ln, atol=1e-3, rtol=1e-3)  # the head is LN(to_clip(.)) now
+        feats.append(h.double())
+        labels.append(x["instances"].gt_classes)
+        per_image.append((x, tokens, clip_tokens))
+    H, y = torch.cat(feats), torch.cat(labels)
+    names, T = model.text_embeddings(dataset)
+    num_regions, width = H.shape
+    assert num_regions < width + 1, "too many regions for an exact least-squares fit"
+    assert len(set(y.tolist())) >= 3  # several classes: the rankings are a real test
+
+    targets = (torch.linalg.pinv(T.double()) @ F.one_hot(y, len(names)).double().T).T  # (R, D)
+    A = torch.cat([H, torch.ones(num_regions, 1, dtype=H.dtype)], dim=1)
+    sol = torch.linalg.lstsq(A, targets, driver="gelsd").solution  # (W + 1, D)
+    assert torch.allclose(A @ sol, targets, atol=1e-6)
+    with torch.no_grad():
+        head.projector.weight.copy_(sol[:-1].T.float())
+        head.projector.bias.copy_(sol[-1].float())
+
+    # Sanity of the construction (in-process): every region's own class wins.
+    for (x, tokens, clip_tokens) in per_image:
+        with torch.no_grad():
+            logits = model.classify(model.embed_regions([tokens], clip_tokens)[0], T)
+        assert torch.equal(logits.argmax(1), x["instances"].gt_classes)
+
+    state = model.state_dict()
+    torch.save({"model": _original_layout(state) if original_layout else state}, path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def oracle(synthetic_val, tmp_path_factory):
-    """Path of an original-layout checkpoint (head + frozen SAM/CLIP) of an oracle head: every
-    gt region of `synthetic_val` gets its own class on top (see test_eval_e2e.py's docstring)."""
+    """Path of an original-layout checkpoint (head + frozen SAM/CLIP) of an oracle head on
+    `synthetic_val` for the tiny model (`make_oracle_checkpoint`)."""
     folder = tmp_path_factory.mktemp("oracle")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REGIONSPOT_CACHE", str(folder / "cache"))
-        torch.manual_seed(1234)
-        cfg = tiny_cfg()
-        model = build_model(cfg).eval()
-        head = model.head
-        with torch.no_grad():
-            for layer in head.decoder.layers:
-                for attn in (layer.self_attn, layer.multihead_attn):
-                    attn.out_proj.weight.zero_()
-                    attn.out_proj.bias.zero_()
-                layer.linear2.weight.zero_()
-                layer.linear2.bias.zero_()
-            for m in head.modules():
-                if isinstance(m, torch.nn.LayerNorm):  # as built; the construction relies on it
-                    assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
-
-        # The region tokens exactly as the evaluation computes them: same mapper, one image a batch.
-        mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)
-        feats, labels, per_image = [], [], []
-        for d in DatasetCatalog.get(synthetic_val):
-            x = mapper(d)
-            sam_emb, _, clip_tokens = model.encode_images([x["image"]])
-            tokens, _ = model.decode_regions(sam_emb[0], tuple(x["image"].shape[-2:]), boxes=x["instances"].gt_boxes.tensor)
-            with torch.no_grad():
-                h = head.decoder(head.to_clip(tokens)[None], clip_tokens)[0]
-                h_ln = F.layer_norm(head.to_clip(tokens), (h.shape[-1],))
-            torch.testing.assert_close(h, h_ln, atol=1e-3, rtol=1e-3)  # the head is LN(to_clip(.)) now
-            feats.append(h.double())
-            labels.append(x["instances"].gt_classes)
-            per_image.append((x, tokens, clip_tokens))
-        H, y = torch.cat(feats), torch.cat(labels)
-        names, T = model.text_embeddings(synthetic_val)
-        num_regions, width = H.shape
-        assert num_regions < width + 1, "too many regions for an exact least-squares fit"
-        assert len(set(y.tolist())) >= 3  # several classes: the rankings are a real test
-
-        targets = (torch.linalg.pinv(T.double()) @ F.one_hot(y, len(names)).double().T).T  # (R, D)
-        A = torch.cat([H, torch.ones(num_regions, 1, dtype=H.dtype)], dim=1)
-        sol = torch.linalg.lstsq(A, targets, driver="gelsd").solution  # (W + 1, D)
-        assert torch.allclose(A @ sol, targets, atol=1e-6)
-        with torch.no_grad():
-            head.projector.weight.copy_(sol[:-1].T.float())
-            head.projector.bias.copy_(sol[-1].float())
-
-        # Sanity of the construction (in-process): every region's own class wins.
-        for (x, tokens, clip_tokens) in per_image:
-            with torch.no_grad():
-                logits = model.classify(model.embed_regions([tokens], clip_tokens)[0], T)
-            assert torch.equal(logits.argmax(1), x["instances"].gt_classes)
-
-        path = folder / "oracle_original_layout.pth"
-        torch.save({"model": _original_layout(model.state_dict())}, path)
-    return str(path)
+        return make_oracle_checkpoint(tiny_cfg(), synthetic_val, folder / "oracle_original_layout.pth")

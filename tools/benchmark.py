@@ -2,6 +2,7 @@
 """Per-image time and peak memory of RegionSpot with real-size encoders (random weights).
 
     python tools/benchmark.py --sam vit_b --clip ViT-L/14 --boxes 12 --images 3 [--autocast bf16]
+    python tools/benchmark.py --sam sam2.1_hiera_b+ --clip-backend open_clip --clip ViT-L-14-quickgelu
     python tools/benchmark.py ... --compare-autocast bf16      # fp32 vs bf16: speed-up and agreement
     python tools/benchmark.py ... --boxes 300 --max-rss-gb 6     # fails (exit 1) above the bound
     python tools/benchmark.py ... --roofline                     # distance to the matmul roofline
@@ -57,7 +58,9 @@ STAGES = ("sam_encoder", "mask_decoder", "clip", "head", "masks")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sam", default="vit_b")
-    p.add_argument("--clip", default="ViT-L/14")
+    p.add_argument("--clip", default="ViT-L/14", help="CLIP model name (of the --clip-backend package)")
+    p.add_argument("--clip-backend", default="clip", choices=["clip", "open_clip"],
+                   help="package of the vision-language model (MODEL.REGIONSPOT.CLIP.BACKEND)")
     p.add_argument("--clip-size", type=int, default=224)
     p.add_argument("--image-size", default="1024x768", help="WxH of the synthetic images")
     p.add_argument("--boxes", type=int, default=12, help="box prompts per image")
@@ -117,7 +120,8 @@ def bench_cfg(args, autocast: str, templates: str = "ensemble", extra_opts=()):
     cfg = get_regionspot_cfg(BASE_CONFIG)
     c = cfg.MODEL.REGIONSPOT
     c.SAM.TYPE, c.SAM.CHECKPOINT = args.sam, "random"
-    c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = args.clip, "random", args.clip_size
+    c.CLIP.BACKEND, c.CLIP.NAME, c.CLIP.CHECKPOINT = args.clip_backend, args.clip, "random"
+    c.CLIP.INPUT_SIZE = args.clip_size
     c.AUTOCAST = autocast
     c.TEXT.TEMPLATES = templates
     cfg.TEST.DETECTIONS_PER_IMAGE = args.top_k
@@ -438,7 +442,7 @@ def describe(args) -> str:
 
 
 def describe_run(args) -> str:
-    return (f"device: {describe(args)}; SAM {args.sam}, CLIP {args.clip}@{args.clip_size}, image {args.image_size}, "
+    return (f"device: {describe(args)}; SAM {args.sam}, {args.clip_backend} {args.clip}@{args.clip_size}, image {args.image_size}, "
             f"{args.boxes} boxes, {args.num_classes} classes, top-{args.top_k}, "
             f"masks {'off' if args.no_masks else 'on'}, batch {args.batch}")
 
