@@ -195,3 +195,31 @@ def test_demo_draws_and_writes_json(pair, synthetic_val, tmp_path):
     assert rc == 0 and out.stat().st_size > 0
     dets = json.loads(js.read_text())
     assert len(dets) == len(boxes) and all(0 <= x["score"] <= 1 for x in dets)
+
+
+def _lazy_args(opts):
+    """A pair's yacs overrides as the LazyConfig builder's `sam` / `clip` arguments."""
+    sam, clip = {}, {}
+    for key, value in zip(opts[::2], opts[1::2]):
+        node, name = key.split(".")[-2:]
+        (sam if node == "SAM" else clip)[name.lower()] = int(value) if value.isdigit() else value
+    return sam, clip
+
+
+def test_lazy_config_builds_the_same_model_as_yacs(pair):
+    from detectron2.config import LazyConfig, instantiate
+
+    _, opts = pair
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", "RegionSpot-tiny_synthetic.py"))
+    sam, clip = _lazy_args(opts)
+    cfg.model.sam = dict(type="tiny", checkpoint="random", **sam)
+    cfg.model.clip = dict(name="tiny", checkpoint="random", input_size=128, **{k: v for k, v in clip.items()})
+    cfg.model.head.dim_feedforward = 256
+    lazy = instantiate(cfg.model)
+    yacs = build_model(tiny_cfg(*opts))
+    assert type(lazy.sam_encoder) is type(yacs.sam_encoder) and type(lazy.clip_encoder) is type(yacs.clip_encoder)
+    a, b = lazy.state_dict(), yacs.state_dict()
+    assert a.keys() == b.keys()
+    frozen = [k for k in a if not k.startswith("head.")]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)  # same seeded random encoders
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

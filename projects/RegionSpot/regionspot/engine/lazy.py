@@ -11,19 +11,22 @@ from detectron2.data import build_detection_train_loader
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
 
-from ..modeling.clip_encoder import ClipImageTextEncoder, build_clip
+from detectron2.config import CfgNode, get_cfg
+
+from ..config import add_regionspot_config
+from ..modeling.clip_encoder import build_clip_encoder
 from ..data.dataset_mapper import RegionSpotDatasetMapper
 from ..modeling.head import RegionSpotHead
 from ..modeling.meta_arch import RegionSpot
-from ..modeling.sam_encoder import SamRegionEncoder, build_sam
+from ..modeling.sam_encoder import build_sam_encoder
 from ..data.token_cache import sam_weights_key, token_cache_folder
 from .trainer import mix_loaders, train_dataset_dicts
 
-# The arguments of `build_regionspot`'s `sam`, `clip` and `head` dicts, with their defaults
-# (those of MODEL.REGIONSPOT.SAM, .CLIP and .HEAD).
+# The arguments of `build_regionspot`'s `sam`, `clip` and `head` dicts, with their defaults:
+# the keys of MODEL.REGIONSPOT.SAM, .CLIP and .HEAD in lower case, with the same values.
 SAM_DEFAULTS = dict(type="vit_b", checkpoint="", decode_chunk=0, fused_attention=True)
-CLIP_DEFAULTS = dict(name="ViT-B/16", checkpoint="", download_root="", input_size=224,
-                     resize_mode="bilinear", antialias=False)
+CLIP_DEFAULTS = dict(backend="clip", name="ViT-B/16", pretrained="", checkpoint="", download_root="",
+                     input_size=224, resize_mode="bilinear", antialias=False)
 HEAD_DEFAULTS = dict(num_layers=3, num_heads=8, dim_feedforward=2048, dropout=0.1)
 
 
@@ -33,6 +36,19 @@ def _merged(defaults: Mapping, given: Optional[Mapping], what: str) -> dict:
     if unknown:
         raise KeyError(f"Unknown keys {unknown} in model.{what}; known: {sorted(defaults)}.")
     return {**defaults, **given}
+
+
+def encoder_cfg(sam: Mapping[str, Any], clip: Mapping[str, Any], random_init_seed: int = 0) -> CfgNode:
+    """The yacs config of these encoder arguments, so both routes build every backbone (SAM,
+    SAM 2, OpenAI CLIP, open_clip) through the same `build_sam_encoder` / `build_clip_encoder`."""
+    cfg = get_cfg()
+    add_regionspot_config(cfg)
+    c = cfg.MODEL.REGIONSPOT
+    for node, values in ((c.SAM, sam), (c.CLIP, clip)):
+        for k, v in values.items():
+            node[k.upper()] = v
+    c.RANDOM_INIT_SEED = random_init_seed
+    return cfg
 
 
 def build_regionspot(
@@ -47,20 +63,17 @@ def build_regionspot(
     """RegionSpot built from keyword arguments, on `device`.
 
     Args:
-        sam: `SAM_DEFAULTS` keys: SAM type and checkpoint (as `sam_encoder.build_sam`), decoder
-            chunk and fused attention (as `SamRegionEncoder`).
-        clip: `CLIP_DEFAULTS` keys: as `clip_encoder.build_clip` and `ClipImageTextEncoder`.
+        sam: `SAM_DEFAULTS` keys: those of MODEL.REGIONSPOT.SAM (type, checkpoint, decoder
+            chunk, fused attention), in lower case.
+        clip: `CLIP_DEFAULTS` keys: those of MODEL.REGIONSPOT.CLIP (backend, name, pretrained tag,
+            checkpoint, ...), in lower case.
         head: `HEAD_DEFAULTS` keys: the decoder's shape; its widths come from the encoders.
         random_init_seed: seed of randomly initialised encoders (MODEL.REGIONSPOT.RANDOM_INIT_SEED).
         device: where the model goes (MODEL.DEVICE).
         model_kwargs: the other arguments of `RegionSpot` (vocabulary, templates, prompt, ...).
     """
-    s = _merged(SAM_DEFAULTS, sam, "sam")
-    c = _merged(CLIP_DEFAULTS, clip, "clip")
-    sam_encoder = SamRegionEncoder(build_sam(s["type"], s["checkpoint"], random_init_seed),
-                                   s["decode_chunk"], s["fused_attention"]).eval()
-    clip_model = build_clip(c["name"], c["checkpoint"], c["download_root"], random_init_seed)
-    clip_encoder = ClipImageTextEncoder(clip_model, c["input_size"], c["resize_mode"], c["antialias"]).eval()
+    enc_cfg = encoder_cfg(_merged(SAM_DEFAULTS, sam, "sam"), _merged(CLIP_DEFAULTS, clip, "clip"), random_init_seed)
+    sam_encoder, clip_encoder = build_sam_encoder(enc_cfg), build_clip_encoder(enc_cfg)
     fusion = RegionSpotHead(token_dim=sam_encoder.token_dim, clip_width=clip_encoder.width,
                             text_dim=clip_encoder.text_dim, **_merged(HEAD_DEFAULTS, head, "head"))
     model = RegionSpot(sam_encoder=sam_encoder, clip_encoder=clip_encoder, head=fusion, **model_kwargs)
