@@ -41,21 +41,27 @@ def add_regionspot_config(cfg: CN) -> None:
     # `regionspot[open_clip]`).
     _C.CLIP.BACKEND = "clip"
     # BACKEND clip: a name known to the `clip` package (ViT-B/16, ViT-L/14, ViT-L/14@336px, ...)
-    # or "tiny". BACKEND open_clip: an open_clip model name (ViT-L-14-quickgelu,
-    # ViT-SO400M-14-SigLIP-384, ...) or "tiny".
+    # or "tiny". BACKEND open_clip: an open_clip model name with a ViT image tower
+    # (ViT-L-14-quickgelu, ViT-SO400M-14-SigLIP-384, EVA02-L-14, ...; open_clip.list_models()), or
+    # "tiny" / "tiny-timm" (tiny random models for tests; tiny-timm on a timm trunk, as SigLIP).
     _C.CLIP.NAME = "ViT-B/16"
     # BACKEND open_clip: the pretrained tag open_clip downloads when CHECKPOINT is "" (dfn2b,
-    # metaclip_fullcc, webli, ...; see open_clip.list_pretrained_tags_by_model).
+    # metaclip_fullcc, webli, ...; see open_clip.list_pretrained_tags_by_model). It also gives
+    # the image mean / std of a CHECKPOINT file ("": those all of the model's tags share).
     _C.CLIP.PRETRAINED = ""
     # Local path, http(s) URL or regionspot://<file> of an OpenAI-format CLIP file (TorchScript
     # or plain state dict, optionally gzip-compressed). "" = download CLIP.NAME from the clip
     # package's URL (cached in CLIP.DOWNLOAD_ROOT, SHA256-checked; "tiny": random), "random" =
     # random init. BACKEND open_clip: a local path, URL or regionspot://<file> of a weights file
-    # open_clip's `pretrained=` reads; "" = the PRETRAINED tag (none: random), "random" = random.
+    # open_clip's `pretrained=` reads (optionally gzip-compressed); "" = the PRETRAINED tag
+    # through open_clip's own download (no tag: random), "random" = random init.
     _C.CLIP.CHECKPOINT = ""
-    # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's).
+    # Cache folder of CLIP downloads by name ("" = ~/.cache/clip, the clip package's). BACKEND
+    # open_clip: open_clip's cache_dir for PRETRAINED downloads ("" = its default).
     _C.CLIP.DOWNLOAD_ROOT = ""
-    # Square input size of the image CLIP sees; positional embeddings are interpolated to it.
+    # Square input size of the image CLIP sees (a multiple of its patch size); positional
+    # embeddings are interpolated to it. BACKEND open_clip: the model is built at this size
+    # (open_clip's force_image_size), which resamples the checkpoint's positional embeddings.
     _C.CLIP.INPUT_SIZE = 224
     # How the whole image is squashed to CLIP's square. The original code uses torchvision's
     # default tensor resize: bilinear, antialiased since torchvision 0.17 (January 2024) and not

@@ -138,6 +138,19 @@ def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
 CLIP_RESIZE_MODES = ("bilinear", "bicubic")
 
 
+def check_resize_mode(resize_mode: str) -> None:
+    if resize_mode not in CLIP_RESIZE_MODES:
+        raise ValueError(f"Unknown CLIP resize mode {resize_mode!r} (MODEL.REGIONSPOT.CLIP.RESIZE_MODE); "
+                         f"choose one of {CLIP_RESIZE_MODES}.")
+
+
+def squash_to_square(image: torch.Tensor, size: int, resize_mode: str, antialias: bool) -> torch.Tensor:
+    """(3, H, W) image -> (1, 3, size, size) float: the whole image squashed to CLIP's square, as
+    the original code feeds CLIP (for every backend; only the normalisation is the model's own)."""
+    return F.interpolate(image[None].float(), (size, size), mode=resize_mode, align_corners=False,
+                         antialias=antialias)
+
+
 class ClipImageTextEncoder(nn.Module):
     """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings."""
 
@@ -152,9 +165,7 @@ class ClipImageTextEncoder(nn.Module):
                 since torchvision 0.17 and not before (the released heads date from 2023).
         """
         super().__init__()
-        if resize_mode not in CLIP_RESIZE_MODES:
-            raise ValueError(f"Unknown CLIP resize mode {resize_mode!r} (MODEL.REGIONSPOT.CLIP.RESIZE_MODE); "
-                             f"choose one of {CLIP_RESIZE_MODES}.")
+        check_resize_mode(resize_mode)
         self.clip_model = clip_model
         self.input_size = int(input_size)
         self.resize_mode = resize_mode
@@ -193,10 +204,7 @@ class ClipImageTextEncoder(nn.Module):
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) RGB in [0, 255] -> (3, S, S) normalised: the whole image squashed to a square."""
-        x = F.interpolate(
-            image[None].float(), (self.input_size, self.input_size), mode=self.resize_mode,
-            align_corners=False, antialias=self.antialias,
-        )
+        x = squash_to_square(image, self.input_size, self.resize_mode, self.antialias)
         return ((x - self.pixel_mean) / self.pixel_std)[0]
 
     def _positional_embedding(self, grid: int) -> torch.Tensor:
