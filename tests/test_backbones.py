@@ -29,8 +29,11 @@ from conftest import ROOT, TINY_CONFIG, _gt_by_image, make_oracle_checkpoint, ti
 SAM2 = ("MODEL.REGIONSPOT.SAM.TYPE", "sam2_tiny", "MODEL.REGIONSPOT.SAM.CHECKPOINT", "random")
 OPEN_CLIP = ("MODEL.REGIONSPOT.CLIP.BACKEND", "open_clip", "MODEL.REGIONSPOT.CLIP.NAME", "tiny",
              "MODEL.REGIONSPOT.CLIP.CHECKPOINT", "random", "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "64")
+OPEN_CLIP_TIMM = ("MODEL.REGIONSPOT.CLIP.BACKEND", "open_clip", "MODEL.REGIONSPOT.CLIP.NAME", "tiny-timm",
+                  "MODEL.REGIONSPOT.CLIP.CHECKPOINT", "random", "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "160")
 PAIRS = {
     "sam+clip": (),
+    "sam+open_clip-timm": OPEN_CLIP_TIMM,
     "sam2+clip": SAM2,
     "sam+open_clip": OPEN_CLIP,
     "sam2+open_clip": SAM2 + OPEN_CLIP,
@@ -212,8 +215,8 @@ def test_lazy_config_builds_the_same_model_as_yacs(pair):
     _, opts = pair
     cfg = LazyConfig.load(os.path.join(ROOT, "configs", "lazy", "RegionSpot-tiny_synthetic.py"))
     sam, clip = _lazy_args(opts)
-    cfg.model.sam = dict(type="tiny", checkpoint="random", **sam)
-    cfg.model.clip = dict(name="tiny", checkpoint="random", input_size=128, **{k: v for k, v in clip.items()})
+    cfg.model.sam = {"type": "tiny", "checkpoint": "random", **sam}
+    cfg.model.clip = {"name": "tiny", "checkpoint": "random", "input_size": 128, **clip}
     cfg.model.head.dim_feedforward = 256
     lazy = instantiate(cfg.model)
     yacs = build_model(tiny_cfg(*opts))
