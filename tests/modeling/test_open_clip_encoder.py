@@ -99,6 +99,16 @@ def test_input_size_must_be_a_multiple_of_the_patch():
         OpenClipImageTextEncoder(build_open_clip("tiny", input_size=64), "tiny", 96)
 
 
+def test_a_model_s_own_size_need_not_be_a_multiple_of_the_patch(monkeypatch):
+    # As SigLIP SO400M/14 at 384 px: the patch embedding drops the remainder, as released.
+    from regionspot.modeling import open_clip_encoder as oce
+
+    monkeypatch.setattr(oce, "native_image_size", lambda name: (72, 72))
+    enc = OpenClipImageTextEncoder(build_open_clip("tiny", input_size=72), "tiny", 72)
+    tokens = enc.encode_image_tokens(enc.preprocess(torch.randint(0, 256, (3, 50, 90)).float())[None])
+    assert tokens.shape[1] == 1 + (72 // 16) ** 2
+
+
 def test_a_tower_without_token_map_is_refused():
     model = build_open_clip("tiny", input_size=64)
     model.visual = open_clip.modified_resnet.ModifiedResNet((1, 1, 1, 1), 48, heads=2, image_size=64, width=64)

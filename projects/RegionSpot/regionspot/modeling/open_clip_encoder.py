@@ -10,7 +10,7 @@ backbone (MODEL.REGIONSPOT.CLIP.BACKEND open_clip), with the methods of `ClipIma
 - Input size: the model is built at MODEL.REGIONSPOT.CLIP.INPUT_SIZE through open_clip's own
   `force_image_size`. open_clip then resamples the checkpoint's positional embeddings
   (`resize_pos_embed`, bicubic and antialiased; for timm trunks timm's `set_input_size`), so a
-  model runs at any multiple of its patch size. (The clip backend interpolates bicubically without
+  model runs at any multiple of its patch size (and at its own size, which need not be one). (The clip backend interpolates bicubically without
   antialiasing: upsampled embeddings differ slightly between the two.)
 - Text: open_clip's tokenizer for the model (`get_tokenizer`; SigLIP's and other HF tokenizers
   are fetched from the Hugging Face hub on first use), created when text is first encoded.
@@ -123,6 +123,12 @@ def _create(oc: ModuleType, arch: str, seed: int, **kwargs) -> nn.Module:
     return model.float().eval()
 
 
+def native_image_size(name: str) -> Tuple[int, int]:
+    """The (H, W) image size open_clip's config of `name` builds the model for."""
+    native = import_open_clip().get_model_config(open_clip_architecture(name))["vision_cfg"].get("image_size", 224)
+    return tuple(native) if isinstance(native, (list, tuple)) else (native, native)
+
+
 def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input_size: Optional[int] = None,
                     download_root: str = "", seed: int = 0) -> nn.Module:
     """Build a frozen open_clip model in fp32 on the CPU.
@@ -144,8 +150,7 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
         tags = oc.list_pretrained_tags_by_model(arch)
         raise ValueError(f"open_clip has no pretrained tag {pretrained!r} (MODEL.REGIONSPOT.CLIP.PRETRAINED) for "
                          f"{name!r} (MODEL.REGIONSPOT.CLIP.NAME); its tags: {', '.join(tags) or 'none'}.")
-    native = oc.get_model_config(arch)["vision_cfg"].get("image_size", 224)
-    native = tuple(native) if isinstance(native, (list, tuple)) else (native, native)
+    native = native_image_size(name)
     if input_size and native != (input_size, input_size):
         logger.info(f"open_clip {name} is built for {native} px; running it at {input_size} px "
                     "(MODEL.REGIONSPOT.CLIP.INPUT_SIZE), positional embeddings resampled by open_clip.")
@@ -230,7 +235,10 @@ class OpenClipImageTextEncoder(nn.Module):
             raise ValueError(f"The vision tower of open_clip {name!r} (MODEL.REGIONSPOT.CLIP.NAME) is a {tower}, "
                              "which has no transformer token map for RegionSpot: choose a ViT model (open_clip's "
                              "VisionTransformer, or a timm ViT / EVA trunk such as SigLIP's).")
-        if any(self.input_size % p for p in patch):
+        # The patch embedding drops a remainder (SigLIP SO400M/14 at its own 384 px sees 27 x 27
+        # patches): allowed at the size the model was released for, refused elsewhere.
+        native = native_image_size(name) if name in available_open_clip_models() else None
+        if any(self.input_size % p for p in patch) and native != (self.input_size, self.input_size):
             raise ValueError(f"CLIP input size {self.input_size} (MODEL.REGIONSPOT.CLIP.INPUT_SIZE) is not a "
                              f"multiple of the patch size {tuple(patch)} of open_clip {name!r}.")
         if tuple(image_size) != (self.input_size, self.input_size):
