@@ -32,7 +32,8 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.SAM.DECODE_CHUNK = 0
     # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
     # SAM's relative positions as the additive mask (regionspot/modeling/sam_attention.py): same outputs,
-    # 1.27x faster SAM ViT-B encoder on the CPU.
+    # 1.27x faster SAM ViT-B encoder on the CPU. SAM (segment_anything) only: the SAM 2 types ignore
+    # it (their Hiera encoder already calls the fused attention).
     _C.SAM.FUSED_ATTENTION = True
 
     _C.CLIP = CN()
@@ -195,6 +196,10 @@ def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = (), freeze: 
 
 
 CLIP_BACKENDS = ("clip", "open_clip")
+# Every MODEL.REGIONSPOT.SAM.TYPE: segment_anything's (modeling/sam_encoder.py SAM_TYPES), then
+# SAM 2's (modeling/sam2_encoder.py SAM2_MODELS, imported only when used); a test keeps them in step.
+SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny",
+             "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "sam2_tiny")
 
 
 def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
@@ -223,6 +228,8 @@ def check_regionspot_config(cfg: CN) -> None:
     """
     c = cfg.MODEL.REGIONSPOT
     k = "MODEL.REGIONSPOT."
+    if c.SAM.TYPE not in SAM_TYPES:
+        raise ValueError(f"Unknown {k}SAM.TYPE {c.SAM.TYPE!r}; choose one of {SAM_TYPES}.")
     _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
     if c.CLIP.BACKEND not in CLIP_BACKENDS:
         raise ValueError(f"Unknown {k}CLIP.BACKEND {c.CLIP.BACKEND!r}; choose one of {CLIP_BACKENDS}.")

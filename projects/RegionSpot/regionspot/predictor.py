@@ -6,7 +6,7 @@ embeddings are cached per vocabulary, so switching vocabularies costs nothing af
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class ImageFeatures:
 
     image_size: Tuple[int, int]  # (H, W) of the original image
     input_size: Tuple[int, int]  # (h, w) of the encoded image resized for SAM
-    sam_embedding: torch.Tensor  # (C, h', w')
+    sam_embedding: Any  # SAM: (C, h', w') embedding; SAM 2: its Sam2Features (what decode_prompts takes)
     clip_tokens: torch.Tensor  # (L, W)
     encoded_size: Tuple[int, int]  # (H', W') of the image the encoders saw (after the test resize)
     transform: T.Transform  # the test-time resize (INPUT.MIN_SIZE_TEST): original -> encoded pixels

@@ -11,7 +11,8 @@ import warnings
 # we pin for it) only announces pkg_resources' future removal. Nothing we call is affected.
 warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
 # fvcore (focal loss) and detectron2 (box regression) decorate functions with torch.jit.script
-# at import; torch 2.14 marks TorchScript deprecated, but those scripted functions still run.
+# at import, and sam2's SAM2Transforms scripts its resize; torch 2.14 marks TorchScript
+# deprecated, but those scripted functions still run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 # OpenAI's CLIP releases are TorchScript archives; we torch.jit.load them only to read their state

@@ -18,7 +18,8 @@ from torch import nn
 from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
 from ..config import check_regionspot_config
 from .head import RegionSpotHead
-from .sam_encoder import SamRegionEncoder, build_sam_encoder
+from .region_encoder import RegionEncoderBase
+from .sam_encoder import build_sam_encoder
 from ..structures import IndexedMasks
 from .text_embeddings import get_templates
 from .vocabulary import Vocabulary, VocabularyLike
@@ -50,7 +51,7 @@ def sanitize_boxes(boxes: torch.Tensor, image_size: Tuple[int, int], where: str 
     return keep
 
 
-def compile_frozen(sam_encoder: SamRegionEncoder, clip_encoder: ClipImageTextEncoder, mode: str,
+def compile_frozen(sam_encoder: RegionEncoderBase, clip_encoder: ClipImageTextEncoder, mode: str,
                    autocast: bool = False) -> None:
     """torch.compile the networks that dominate inference time, in place: each encoder names
     them (`compile_targets`). `Module.compile` keeps parameter names, so checkpoints load as
@@ -104,7 +105,7 @@ class RegionPipeline(nn.Module):
     def __init__(
         self,
         *,
-        sam_encoder: SamRegionEncoder,
+        sam_encoder: RegionEncoderBase,
         clip_encoder: ClipImageTextEncoder,
         head: RegionSpotHead,
         vocabulary: str = "",
@@ -119,7 +120,8 @@ class RegionPipeline(nn.Module):
     ):
         """
         Args:
-            sam_encoder: frozen SAM wrapper giving region tokens and masks.
+            sam_encoder: frozen SAM wrapper giving region tokens and masks (`SamRegionEncoder`, or
+                `Sam2RegionEncoder` for the SAM 2 types).
             clip_encoder: frozen CLIP wrapper giving the image token map and text embeddings.
             head: the trainable fusion head.
             vocabulary: default vocabulary spec (see `Vocabulary`).
@@ -130,7 +132,7 @@ class RegionPipeline(nn.Module):
             autocast: "", "bf16" or "fp16": mixed precision of the frozen encoders.
             compile_mode: "" or a torch.compile mode for the frozen networks (`compile_frozen`).
             mask_on: predict masks.
-            fast_mask_paste: paste masks with one interpolation (see SamRegionEncoder.paste_masks).
+            fast_mask_paste: paste masks with one interpolation (see RegionEncoderBase.paste_masks).
         """
         super().__init__()
         frozen_precision("cpu", autocast)  # validates the name
@@ -192,8 +194,9 @@ class RegionPipeline(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, images: List[torch.Tensor], sam: bool = True):
-        """Frozen image features of (3, H, W) RGB images: SAM embeddings (B, C, h, w) (None when
-        `sam` is False, e.g. training on cached tokens), SAM input sizes, CLIP tokens (B, L, W)."""
+        """Frozen image features of (3, H, W) RGB images: SAM features indexable by image (SAM:
+        (B, C, h, w) embeddings; SAM 2: a list of `Sam2Features`; None when `sam` is False, e.g.
+        training on cached tokens), SAM input sizes, CLIP tokens (B, L, W)."""
         sam_emb, input_sizes = None, []
         with self.autocast():
             if sam:
@@ -254,7 +257,7 @@ class RegionPipeline(nn.Module):
         """Evaluation's output of one image: its `max_dets` best (box, class) pairs (`top_pairs`) as
         `Instances` at `out_size`, boxes rescaled from `image_size`, one mask per kept box shared by
         its classes (`IndexedMasks`). With `box_mask_size`, masks are instead box-local
-        probabilities of that side (`SamRegionEncoder.box_masks`), as detectron2's
+        probabilities of that side (`RegionEncoderBase.box_masks`), as detectron2's
         `detector_postprocess` expects them."""
         result = Instances(out_size)
         box_idx, classes, scores = top_pairs(probs, max_dets)

@@ -4,7 +4,6 @@ The region token is the mask decoder's first output mask token (the one SAM uses
 ``multimask_output=False``). We read it with a forward hook on ``mask_decoder.transformer``,
 so the `segment_anything` package is used exactly as published.
 """
-import logging
 from functools import partial
 from typing import Dict, List, Optional, Tuple
 
@@ -20,12 +19,12 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from detectron2.utils.logger import log_first_n
 from torch import nn
 
 from ..config import check_regionspot_config
+from .region_encoder import RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
+from .region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: F401  (re-exported: tools/demo.py reads it here)
 from .sam_attention import use_fused_attention
-from ..utils.weights import load_weights_file
 
 SAM_CHECKPOINT_URLS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -59,13 +58,6 @@ def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
 
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
-# Why SAM's automatic mask generator may give an image no box at all, and what to change.
-SAM_AUTO_EMPTY_HINT = (
-    "SAM's automatic mask generator kept no mask: its predicted-IoU and stability thresholds filtered "
-    "every candidate (with random or tiny SAM weights they filter everything). Lower "
-    "MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH and STABILITY_SCORE_THRESH (the tiny model needs 0 "
-    "for both), or give box prompts instead."
-)
 RANDOM_INIT_SEED = 0
 
 
@@ -86,23 +78,7 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
     if checkpoint not in ("", "random"):
-        state = load_weights_file(checkpoint, f"SAM {sam_type} checkpoint", "MODEL.REGIONSPOT.SAM.CHECKPOINT")
-        state = state.get("model", state)
-        try:
-            if not isinstance(state, dict):
-                raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
-            missing, unexpected = sam.load_state_dict(state, strict=False)
-        except Exception as e:  # other shapes, non-tensor values, ...
-            raise RuntimeError(
-                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type "
-                f"{sam_type!r}: {type(e).__name__}: {e}"
-            ) from e
-        if missing or unexpected:
-            raise RuntimeError(
-                f"SAM checkpoint {checkpoint} (MODEL.REGIONSPOT.SAM.CHECKPOINT) does not fit SAM type {sam_type!r}: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})."
-            )
+        load_sam_checkpoint(sam, checkpoint, sam_type)
     return sam
 
 
@@ -151,7 +127,7 @@ def build_sam_encoder(cfg) -> "SamRegionEncoder":
     return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
 
 
-class SamRegionEncoder(nn.Module):
+class SamRegionEncoder(RegionEncoderBase):
     """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
 
     def __init__(self, sam: Sam, decode_chunk: int = 0, fused_attention: bool = False):
@@ -162,13 +138,10 @@ class SamRegionEncoder(nn.Module):
             fused_attention: run the image encoder's attention through `sam_attention`
                 (same outputs, less time and memory).
         """
-        super().__init__()
+        super().__init__(decode_chunk)
         self.sam = sam
         if fused_attention:
             use_fused_attention(sam.image_encoder)
-        if int(decode_chunk) < 0:
-            raise ValueError(f"MODEL.REGIONSPOT.SAM.DECODE_CHUNK must be >= 0 (0 = by device), got {decode_chunk}.")
-        self.decode_chunk = int(decode_chunk)
         self.transform = ResizeAtLeastOnePixel(sam.image_encoder.img_size)
         self._captured: List[torch.Tensor] = []
         self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
@@ -179,13 +152,6 @@ class SamRegionEncoder(nn.Module):
         # token, token 1 the first mask token.
         if self._capturing:
             self._captured.append(outputs[0][:, 1, :])
-
-    def chunk_for(self, device: torch.device) -> int:
-        """Boxes per decoder call on `device`: DECODE_CHUNK, or when 0, 4 on a CPU (measured
-        fastest: the per-box 4096x256 activations stay in cache) and 64 on accelerators."""
-        if self.decode_chunk:
-            return self.decode_chunk
-        return 4 if device.type == "cpu" else 64
 
     def compile_targets(self, autocast: bool = False) -> Tuple[nn.Module, ...]:
         """The modules `compile_frozen` compiles: the image encoder and the mask decoder. Under
@@ -199,6 +165,10 @@ class SamRegionEncoder(nn.Module):
     @property
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.sam.mask_threshold
 
     @property
     def token_dim(self) -> int:
@@ -216,15 +186,6 @@ class SamRegionEncoder(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16) image embeddings."""
         return self.sam.image_encoder(images)
-
-    def decode_boxes(
-        self, embedding: torch.Tensor, boxes: torch.Tensor, original_size: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Decode boxes (N, 4, XYXY in original pixels) of one image, in chunks.
-
-        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
-        """
-        return self.decode_prompts(embedding, original_size, boxes=boxes)
 
     def decode_prompts(
         self,
@@ -291,62 +252,9 @@ class SamRegionEncoder(nn.Module):
         rgb = image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
         generator = SamAutomaticMaskGenerator(self.sam, **params)
         generator.predictor = _PrecomputedSamPredictor(self.sam, embedding, input_size, rgb.shape[:2])
-        records = generator.generate(rgb)
-        if not records:
-            log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
-                        name="regionspot.modeling.sam_encoder")
-        boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=embedding.device)
-        boxes = boxes.view(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
-        return boxes
+        return boxes_of_mask_records(generator.generate(rgb), embedding.device)
 
-    def paste_masks(
-        self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-        fast: bool = False, chunk: int = 16,
-    ) -> torch.Tensor:
-        """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size.
-
-        The plain way is SAM's own `postprocess_masks`: upsample to the padded S x S input, crop
-        the image, resize to the original size (two interpolations through an S x S buffer).
-        `fast=True` samples the original-size grid straight from the low-res logits, one bilinear
-        interpolation without the S x S buffer; tests check the two agree (IoU >= 0.99).
-        Masks are pasted `chunk` at a time, so the float buffers stay bounded.
-        """
-        if low_res.shape[0] == 0:
-            return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
-        return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
-
-    def box_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], image_size: Tuple[int, int],
-                  boxes: torch.Tensor, size: int = 112) -> torch.Tensor:
-        """Mask probabilities (N, 1, size, size) on a grid over each box (XYXY in `image_size`
-        pixels), sampled from SAM's low-res logits: the box-local masks detectron2's
-        `detector_postprocess` pastes (threshold 0.5, i.e. SAM's logit threshold 0)."""
-        if boxes.shape[0] == 0:
-            return low_res.new_zeros((0, 1, size, size), dtype=torch.float32)
-        S = float(self.image_size)
-        steps = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size  # (size,)
-        x0, y0, x1, y1 = boxes.float().unbind(dim=1)
-        xs = x0[:, None] + (x1 - x0)[:, None] * steps  # (N, size) image pixels
-        ys = y0[:, None] + (y1 - y0)[:, None] * steps
-        gx = xs * (input_size[1] / image_size[1]) * (2.0 / S) - 1.0
-        gy = ys * (input_size[0] / image_size[0]) * (2.0 / S) - 1.0
-        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
-        logits = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return (logits - self.sam.mask_threshold).sigmoid()
-
-    def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                     fast: bool) -> torch.Tensor:
-        if not fast:
-            masks = self.sam.postprocess_masks(low_res.float(), input_size, original_size)
-            return masks[:, 0] > self.sam.mask_threshold
-        H, W = original_size
-        S = float(self.image_size)
-        dev = low_res.device
-        # Output pixel centres, mapped into the padded input frame, as grid_sample's [-1, 1]
-        # coordinates over the low-res map (align_corners=False convention).
-        gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
-        gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
-        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-        grid = grid[None].expand(low_res.shape[0], H, W, 2)
-        masks = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return masks[:, 0] > self.sam.mask_threshold
+    def _upsample_logits(self, low_res: torch.Tensor, input_size: Tuple[int, int],
+                         original_size: Tuple[int, int]) -> torch.Tensor:
+        """SAM's own `postprocess_masks`: upsample to the padded S x S input, crop, resize."""
+        return self.sam.postprocess_masks(low_res, input_size, original_size)
