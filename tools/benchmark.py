@@ -376,7 +376,7 @@ def pipeline_roofline(args, per_image: dict):
     """--roofline of a --pipeline run. FLOPs are counted on an eager fp32 build (compiled code hides
     its ops from FlopCounterMode) once per model and box count, the matmul rate once per precision:
     both are cached, so a process timing several configurations pays them once."""
-    key = (args.sam, args.clip, args.clip_size, args.image_size, args.boxes, args.device)
+    key = (args.sam, args.clip_backend, args.clip, args.clip_size, args.image_size, args.boxes, args.device)
     if key not in _FLOPS:
         model = build(args, "", extra_opts=["MODEL.REGIONSPOT.COMPILE", ""])
         _FLOPS[key] = count_flops(model, make_inputs(args, 1)[0])

@@ -199,7 +199,7 @@ def test_unknown_names_and_tags_are_refused_with_valid_ones():
 
 def test_a_missing_open_clip_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` now fails
-    with pytest.raises(MissingExtraError, match=r"regionspot\[open_clip\]"):
+    with pytest.raises(MissingExtraError, match=r"CLIP.BACKEND open_clip.*regionspot\[open_clip\]"):
         build_clip_encoder(tiny_cfg("MODEL.REGIONSPOT.CLIP.BACKEND", "open_clip"))
 
 
@@ -328,3 +328,40 @@ def test_vocabulary_cache_keeps_clip_and_open_clip_apart(tmp_path):
     again = build_model(_open_clip_cfg()).vocabulary.embeddings(names)[1]
     torch.testing.assert_close(again, emb["open_clip"])
     assert len(list((tmp_path / "cache" / "text").glob("*.pth"))) == 2
+
+
+def _fake_tag(monkeypatch, **cfg):
+    """Register a pretrained tag "fake" for the tiny model (the real tags belong to real models)."""
+    import open_clip.pretrained as ocp
+
+    tag = {"url": "", "hf_hub": "", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "quick_gelu": False, **cfg}
+    monkeypatch.setitem(ocp._PRETRAINED, "regionspot-tiny", {"fake": tag})
+
+
+def test_a_checkpoint_file_is_normalised_with_its_tags_mean_and_std(monkeypatch, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(build_open_clip("tiny", checkpoint="random").state_dict(), path)
+    plain = OpenClipImageTextEncoder(build_open_clip("tiny", checkpoint=str(path)), "tiny", 64)
+    _fake_tag(monkeypatch)
+    tagged = OpenClipImageTextEncoder(build_open_clip("tiny", pretrained="fake", checkpoint=str(path)), "tiny", 64)
+    torch.testing.assert_close(tagged.pixel_mean.flatten(), torch.full((3,), 0.5 * 255))
+    torch.testing.assert_close(tagged.pixel_std.flatten(), torch.full((3,), 0.5 * 255))
+    assert not torch.allclose(plain.pixel_mean, tagged.pixel_mean)  # the tag, not a default, decided
+
+
+def test_a_quickgelu_tag_under_a_plain_gelu_name_is_refused(monkeypatch, tmp_path):
+    _fake_tag(monkeypatch, **{"quick_gelu": True})
+    with pytest.raises(ValueError, match=r"CLIP.PRETRAINED.*QuickGELU.*regionspot-tiny-quickgelu"):
+        build_open_clip("tiny", pretrained="fake", checkpoint="random")
+
+
+def test_a_real_model_without_weights_is_refused_not_randomly_initialised():
+    with pytest.raises(ValueError, match=r"CLIP.PRETRAINED.*dfn2b.*CLIP.CHECKPOINT"):
+        build_open_clip("ViT-L-14-quickgelu")
+
+
+def test_a_pretrained_tag_needs_the_open_clip_backend():
+    from regionspot.config import check_regionspot_config
+
+    with pytest.raises(ValueError, match=r"CLIP.PRETRAINED.*CLIP.BACKEND"):
+        check_regionspot_config(tiny_cfg("MODEL.REGIONSPOT.CLIP.PRETRAINED", "dfn2b"))

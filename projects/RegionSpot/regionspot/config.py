@@ -200,6 +200,8 @@ CLIP_BACKENDS = ("clip", "open_clip")
 # SAM 2's (modeling/sam2_encoder.py SAM2_MODELS, imported only when used); a test keeps them in step.
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny",
              "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "sam2_tiny")
+# The SAM types whose CHECKPOINT "" means random weights (no official file): the tests' tiny ones.
+SAM_TYPES_RANDOM_BY_DEFAULT = ("tiny", "sam2_tiny")
 
 
 def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
@@ -233,6 +235,9 @@ def check_regionspot_config(cfg: CN) -> None:
     _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
     if c.CLIP.BACKEND not in CLIP_BACKENDS:
         raise ValueError(f"Unknown {k}CLIP.BACKEND {c.CLIP.BACKEND!r}; choose one of {CLIP_BACKENDS}.")
+    if c.CLIP.PRETRAINED and c.CLIP.BACKEND != "open_clip":
+        raise ValueError(f"{k}CLIP.PRETRAINED {c.CLIP.PRETRAINED!r} is an open_clip tag, but {k}CLIP.BACKEND is "
+                         f"{c.CLIP.BACKEND!r}: set CLIP.BACKEND open_clip, or leave PRETRAINED empty.")
     _check_number(k + "CLIP.INPUT_SIZE", c.CLIP.INPUT_SIZE, integer=True, low=1)
     _check_number(k + "RANDOM_INIT_SEED", c.RANDOM_INIT_SEED, integer=True)
     _check_number(k + "HEAD.NUM_LAYERS", c.HEAD.NUM_LAYERS, integer=True, low=1)

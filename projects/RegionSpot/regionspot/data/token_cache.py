@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..config import SAM_TYPES_RANDOM_BY_DEFAULT
 from ..utils.file_io import atomic_torch_save, content_checksum
 from ..modeling.text_embeddings import default_cache_dir
 
@@ -41,7 +42,7 @@ def token_file(folder: str, image_id) -> str:
 
 def sam_weights_key(sam_type: str, checkpoint: str = "", seed: int = 0) -> str:
     """Which SAM weights these are: type, checkpoint, and the seed of a random init."""
-    random_init = checkpoint == "random" or (sam_type in ("tiny", "sam2_tiny") and checkpoint == "")
+    random_init = checkpoint == "random" or (sam_type in SAM_TYPES_RANDOM_BY_DEFAULT and checkpoint == "")
     return f"{sam_type}|{checkpoint or 'official'}" + (f"|seed={seed}" if random_init else "")
 
 

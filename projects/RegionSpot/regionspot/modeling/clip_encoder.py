@@ -63,7 +63,8 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
     if name not in available_clip_models():
         raise ValueError(
             f"Unknown CLIP model {name!r} (MODEL.REGIONSPOT.CLIP.NAME); "
-            f"choose one of {available_clip_models()}."
+            f"choose one of {available_clip_models()}, or set MODEL.REGIONSPOT.CLIP.BACKEND open_clip for "
+            "open_clip's models (ViT-L-14-quickgelu, ViT-SO400M-14-SigLIP-384, ...)."
         )
     if checkpoint == "random" or (checkpoint == "" and name == "tiny"):
         if name not in _RANDOM_ARCHS:

@@ -137,7 +137,7 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
         name: an open_clip model name (MODEL.REGIONSPOT.CLIP.NAME), or "tiny" / "tiny-timm".
         pretrained: an open_clip pretrained tag of `name` (CLIP.PRETRAINED): the weights when
             `checkpoint` is "", and the image normalisation in every case.
-        checkpoint: "" = the `pretrained` tag's weights (none: random init); "random" = random
+        checkpoint: "" = the `pretrained` tag's weights (required, but for the tiny models); "random" = random
             init; otherwise a local path, http(s) URL or regionspot://<file> of weights open_clip
             reads (gzip-compressed or not), CLIP.CHECKPOINT.
         input_size: square image size the model is built for (CLIP.INPUT_SIZE; None = native).
@@ -150,16 +150,26 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
         tags = oc.list_pretrained_tags_by_model(arch)
         raise ValueError(f"open_clip has no pretrained tag {pretrained!r} (MODEL.REGIONSPOT.CLIP.PRETRAINED) for "
                          f"{name!r} (MODEL.REGIONSPOT.CLIP.NAME); its tags: {', '.join(tags) or 'none'}.")
+    if pretrained:
+        # A tag trained with QuickGELU under a plain-GELU name (e.g. ViT-L-14 + dfn2b) would build
+        # a model of plausible but wrong features; open_clip checks it only when it downloads.
+        tag_quick = bool(oc.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+        if tag_quick != bool(oc.get_model_config(arch).get("quick_gelu", False)):
+            fix = f"{arch}-quickgelu" if tag_quick else arch.replace("-quickgelu", "")
+            raise ValueError(f"The {pretrained!r} weights (MODEL.REGIONSPOT.CLIP.PRETRAINED) were trained "
+                             f"{'with' if tag_quick else 'without'} QuickGELU, which open_clip model {name!r} "
+                             f"(MODEL.REGIONSPOT.CLIP.NAME) does not match: use {fix!r}.")
     native = native_image_size(name)
     if input_size and native != (input_size, input_size):
         logger.info(f"open_clip {name} is built for {native} px; running it at {input_size} px "
                     "(MODEL.REGIONSPOT.CLIP.INPUT_SIZE), positional embeddings resampled by open_clip.")
     kwargs = dict(force_image_size=input_size or None, cache_dir=download_root or None)
     stats = pretrained_preprocess_cfg(arch, pretrained)
+    if checkpoint == "" and not pretrained and name not in TINY_MODELS:
+        raise ValueError(f"open_clip {name!r} (MODEL.REGIONSPOT.CLIP.NAME) needs weights: set MODEL.REGIONSPOT.CLIP."
+                         f"PRETRAINED to one of its tags ({', '.join(oc.list_pretrained_tags_by_model(arch)) or 'none'}), "
+                         f"or {CHECKPOINT_KEY} to a weights file (\"random\" for random weights).")
     if checkpoint == "random" or (checkpoint == "" and not pretrained):
-        if checkpoint == "" and name not in TINY_MODELS:
-            logger.warning(f"open_clip {name}: neither MODEL.REGIONSPOT.CLIP.CHECKPOINT nor CLIP.PRETRAINED is set: "
-                           "random weights.")
         return _create(oc, arch, seed, pretrained=None, force_preprocess_cfg=stats, **kwargs)
     if checkpoint == "":
         try:
