@@ -8,7 +8,7 @@ defined or declared here plus `preprocess`, `encode_images`, `auto_boxes`, `toke
 `compile_targets`.
 """
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,18 @@ class RegionEncoderBase(nn.Module):
         if self.decode_chunk:
             return self.decode_chunk
         return 4 if device.type == "cpu" else 64
+
+    def _decode_in_chunks(self, num: int, like: torch.Tensor,
+                          decode: Callable[[slice], Tuple[torch.Tensor, torch.Tensor]]
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`decode(chunk)` -> (tokens, low-res logits) over `num` prompts, `chunk_for` at a time,
+        concatenated; no prompts give empty (0, C) tokens and (0, 1, S/4, S/4) logits like `like`."""
+        step = self.chunk_for(like.device)
+        out = [decode(slice(start, start + step)) for start in range(0, num, step)]
+        if not out:
+            n = self.image_size // 4
+            return like.new_zeros((0, self.token_dim)), like.new_zeros((0, 1, n, n))
+        return torch.cat([t for t, _ in out]), torch.cat([m for _, m in out])
 
     def decode_boxes(self, embedding, boxes: torch.Tensor, original_size: Tuple[int, int]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -230,10 +230,8 @@ class Sam2RegionEncoder(RegionEncoderBase):
         image_embed = embedding.image_embed[None]
         high_res = [f[None] for f in embedding.high_res_feats]
         dense_pe = self.sam.sam_prompt_encoder.get_dense_pe()
-        tokens, masks = [], []
-        step = self.chunk_for(image_embed.device)
-        for start in range(0, num, step):
-            chunk = slice(start, start + step)
+
+        def decode(chunk: slice) -> Tuple[torch.Tensor, torch.Tensor]:
             sparse, dense = self.sam.sam_prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
             low_res, _, sam_tokens, _ = self.sam.sam_mask_decoder(
                 image_embeddings=image_embed,
@@ -244,12 +242,9 @@ class Sam2RegionEncoder(RegionEncoderBase):
                 repeat_image=sparse.shape[0] > 1,  # `_predict`'s batched mode: one image, many prompts
                 high_res_features=high_res,
             )
-            tokens.append(sam_tokens[:, 0])
-            masks.append(low_res)
-        if not tokens:
-            n = self.image_size // 4
-            return image_embed.new_zeros((0, self.token_dim)), image_embed.new_zeros((0, 1, n, n))
-        return torch.cat(tokens), torch.cat(masks)
+            return sam_tokens[:, 0], low_res
+
+        return self._decode_in_chunks(num, image_embed, decode)
 
     @torch.no_grad()
     def auto_boxes(self, image: torch.Tensor, embedding: Sam2Features, input_size: Tuple[int, int],

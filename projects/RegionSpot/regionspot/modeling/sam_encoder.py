@@ -214,11 +214,9 @@ class SamRegionEncoder(RegionEncoderBase):
             points = self.transform.apply_coords_torch(points.float(), original_size)
             point_labels = point_labels.to(device=points.device, dtype=torch.int)
         num = boxes.shape[0] if boxes is not None else (points.shape[0] if points is not None else 0)
-        tokens, masks = [], []
         dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        step = self.chunk_for(embedding.device)
-        for start in range(0, num, step):
-            chunk = slice(start, start + step)
+
+        def decode(chunk: slice) -> Tuple[torch.Tensor, torch.Tensor]:
             sparse, dense = self.sam.prompt_encoder(
                 points=(points[chunk], point_labels[chunk]) if points is not None else None,
                 boxes=boxes[chunk] if boxes is not None else None,
@@ -236,13 +234,9 @@ class SamRegionEncoder(RegionEncoderBase):
                 )
             finally:
                 self._capturing = False
-            tokens.append(self._captured.pop())
-            masks.append(low_res)
-        if not tokens:
-            c = self.token_dim
-            n = self.image_size // 4
-            return embedding.new_zeros((0, c)), embedding.new_zeros((0, 1, n, n))
-        return torch.cat(tokens), torch.cat(masks)
+            return self._captured.pop(), low_res
+
+        return self._decode_in_chunks(num, embedding, decode)
 
     @torch.no_grad()
     def auto_boxes(self, image: torch.Tensor, embedding: torch.Tensor, input_size: Tuple[int, int],
