@@ -73,7 +73,10 @@ def start_server(args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
     """Run `python tools/web_demo.py ARGS --port P` on 127.0.0.1; yield its URL once it answers;
     stop it (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
-    log_path = log_path or tempfile.mkstemp(prefix="regionspot_web_demo_", suffix=".log")[1]
+    own_log = not log_path
+    if own_log:
+        fd, log_path = tempfile.mkstemp(prefix="regionspot_web_demo_", suffix=".log")
+        os.close(fd)
     cmd = [sys.executable, WEB_DEMO, "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -100,6 +103,8 @@ def start_server(args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if own_log:
+            os.remove(log_path)
 
 
 # ---------------------------------------------------------------------------------- browser
