@@ -64,8 +64,11 @@ setup(
     # Optional backbones (regionspot/utils/extras.py names them in its errors). sam2 is an sdist
     # whose only compiled part is an optional CUDA op: install with SAM2_BUILD_CUDA=0.
     extras_require={
-        "dev": ["pytest"],
+        # selenium drives Chromium in the web demo's browser test (tests/tools/test_web_demo_browser.py).
+        "dev": ["pytest", "selenium==4.51.0"],
         "sam2": ["sam2==1.1.0", "hydra-core>=1.3.2"],
         "open_clip": ["open-clip-torch==3.3.0"],
+        # tools/web_demo.py; gradio pins its own client (gradio-client==2.7.2, the tests' API driver).
+        "web": ["gradio==6.31.0"],
     },
 )

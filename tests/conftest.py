@@ -62,6 +62,37 @@ def synthetic_val(synthetic_root):
     return name
 
 
+@pytest.fixture(scope="session")
+def quickstart_head(tmp_path_factory):
+    """A head checkpoint (random but fixed weights) for the quickstart's tiny pretrained encoders:
+    two processes that load it run the same model (the web demo's tests)."""
+    from regionspot.checkpoint import RegionSpotCheckpointer
+
+    folder = tmp_path_factory.mktemp("quickstart_head")
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        cfg = get_cfg()
+        add_regionspot_config(cfg)
+        cfg.merge_from_file(QUICKSTART_CONFIG)
+        cfg.MODEL.DEVICE = "cpu"
+        RegionSpotCheckpointer(build_model(cfg), str(folder)).save("head")
+    return str(folder / "head.pth")
+
+
+@pytest.fixture(scope="session")
+def shapes_image(tmp_path_factory):
+    """A 160x120 synthetic shapes image with 3 shapes: (its path, [(class, XYXY box)])."""
+    import json
+
+    from regionspot.data.synthetic import DEFAULT_CLASSES
+
+    root = str(tmp_path_factory.mktemp("shapes_image"))
+    data = json.load(open(make_synthetic_lvis(root, "val", num_images=1, seed=12, image_size=(120, 160))))
+    shapes = [(DEFAULT_CLASSES[a["category_id"] - 1],
+               BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)) for a in data["annotations"]]
+    return os.path.join(root, "val", "val_00000.png"), shapes
+
+
 HEAD_TO_ORIGINAL = (("head.", "model."), ("sam_encoder.sam.", "model.sam."),
                     ("clip_encoder.clip_model.", "model.clip_model."))
 

@@ -26,21 +26,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
-from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 from regionspot.config import get_regionspot_cfg
-from regionspot.evaluation import instances_to_json
+from regionspot.evaluation import category_ids, named_results_json
 from regionspot.utils.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
 from regionspot.data.images import read_image
 from regionspot.data.prompt_files import image_id_of, lookup_prompts, read_box_file, read_image_ids
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.proposals import read_json_proposals
 from regionspot.modeling.sam_encoder import SAM_AUTO_EMPTY_HINT
-from regionspot.modeling.text_embeddings import BUILTIN_VOCABULARIES
 from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options
+from regionspot.visualization import draw_regions
 
 logger = logging.getLogger("regionspot.demo")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -134,17 +132,6 @@ def resolve_vocabulary(args: argparse.Namespace, cfg: CfgNode) -> Tuple[Vocabula
                                        cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise UsageError(str(e).strip('"')) from e
-
-
-def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
-    """Category ids of the vocabulary's classes: the dataset's own ids, else 1..C as in COCO."""
-    if spec:
-        meta = MetadataCatalog.get(BUILTIN_VOCABULARIES.get(spec, spec))
-        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
-        if mapping and len(mapping) == num_classes:
-            inverse = {v: k for k, v in mapping.items()}
-            return [inverse[i] for i in range(num_classes)]
-    return list(range(1, num_classes + 1))
 
 
 def picture_is_a_file(output: str, single: bool) -> bool:
@@ -268,15 +255,11 @@ def run(args: argparse.Namespace) -> int:
             pairs = (res.to_detections(args.detections_per_image) if args.detections_per_image
                      else res.to_instances(args.classes_per_region))
             pairs = pairs[pairs.scores >= args.confidence_threshold]
-            for rec in instances_to_json(pairs, image_id):
-                rec["category_name"] = names[rec["category_id"]]
-                rec["category_id"] = cat_ids[rec["category_id"]]
-                results.append(rec)
+            results.extend(named_results_json(pairs, image_id, names, cat_ids))
         if args.output:
             instances = res.to_instances()
             instances = instances[instances.scores >= args.confidence_threshold]
-            vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
-            drawn = vis.draw_instance_predictions(instances)
+            drawn = draw_regions(rgb, instances, metadata)
             picture = output_path(args.output, path, len(images) == 1, used_names)
             try:
                 drawn.save(picture)

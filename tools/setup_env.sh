@@ -11,7 +11,7 @@ VENV="${REGIONSPOT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.regionspot-env-v2"
 
-if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip" 2>/dev/null; then
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip, gradio, selenium" 2>/dev/null; then
   exit 0
 fi
 
@@ -44,6 +44,8 @@ fi
 # an sdist: SAM2_BUILD_CUDA=0 skips its optional CUDA op, and --no-build-isolation builds it
 # against the torch above (an isolated build would fetch another multi-GB torch).
 SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
+# The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
+"${PIP[@]}" gradio==6.31.0 selenium==4.51.0
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2

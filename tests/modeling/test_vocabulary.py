@@ -78,6 +78,9 @@ def test_lru_keeps_at_most_max_cached(model, monkeypatch):
 def test_tool_options_resolve_once():
     assert vocabulary_from_options("lvis") == ("lvis", "lvis")
     assert vocabulary_from_options("custom", "cat, dog") == (["cat", "dog"], None)
+    # A list's entries name synonyms as a file's lines do: used with --synonyms, else just the names.
+    assert vocabulary_from_options("custom", "cat | kitty, dog", synonyms=True) == ([["cat", "kitty"], ["dog"]], None)
+    assert vocabulary_from_options("custom", "cat | kitty, dog") == (["cat", "dog"], None)
     with pytest.raises(ValueError, match="--custom-vocabulary needs --vocabulary custom"):
         vocabulary_from_options("lvis", "cat")
     with pytest.raises(ValueError, match="--vocabulary custom needs"):

@@ -3,7 +3,7 @@ import contextlib
 import io
 import logging
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -12,6 +12,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import BoxMode
 
+from .modeling.text_embeddings import BUILTIN_VOCABULARIES
 from .structures import IndexedMasks
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,30 @@ def instances_to_json(instances, img_id: int) -> List[dict]:
         for b, s, c, i in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist(),
                               index.tolist())
     ]
+
+
+def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
+    """Category ids of a vocabulary's classes: the dataset's own ids when `spec` names a dataset
+    (or "lvis" / "coco") of `num_classes` classes, else 1..C as in COCO."""
+    if spec:
+        meta = MetadataCatalog.get(BUILTIN_VOCABULARIES.get(spec, spec))
+        mapping = meta.get("thing_dataset_id_to_contiguous_id", None)
+        if mapping and len(mapping) == num_classes:
+            inverse = {v: k for k, v in mapping.items()}
+            return [inverse[i] for i in range(num_classes)]
+    return list(range(1, num_classes + 1))
+
+
+def named_results_json(instances, img_id, class_names: Sequence[str], ids: Sequence[int]) -> List[dict]:
+    """COCO-format results (`instances_to_json`) of a vocabulary's detections: `category_id` is the
+    vocabulary's id of the class (`category_ids`), and every entry also names it (`category_name`).
+    What the demos write."""
+    records = instances_to_json(instances, img_id)
+    for rec in records:
+        contiguous = rec["category_id"]
+        rec["category_name"] = class_names[contiguous]
+        rec["category_id"] = ids[contiguous]
+    return records
 
 
 class _SharedMaskProcess:

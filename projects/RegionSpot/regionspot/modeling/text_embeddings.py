@@ -204,8 +204,13 @@ def read_vocabulary_file(path: str) -> Tuple[List[str], Optional[List[List[str]]
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            items.append([s.strip() for s in line.split("|") if s.strip()])
+            items.append(split_synonyms(line))
     return parse_vocabulary(items, f"file {path}")
+
+
+def split_synonyms(entry: str) -> List[str]:
+    """A class entry of a text vocabulary, ``name | synonym | ...``: the name, then its synonyms."""
+    return [s.strip() for s in entry.split("|") if s.strip()]
 
 
 def clip_fingerprint(clip_model: torch.nn.Module) -> str:
@@ -398,11 +403,13 @@ def cached_class_embeddings(
     return emb
 
 
-def read_custom_vocabulary(value: str, config_names: Sequence[str] = ()):
-    """What a `--custom-vocabulary` option names: "" = the config's CUSTOM_VOCABULARY, a file of
-    names (see `read_vocabulary_file`), or "a,b,c". Returns (names, synonym groups or None)."""
+def read_custom_vocabulary(value: str, config_names: Sequence[str] = (), source: str = "--custom-vocabulary"):
+    """What a `--custom-vocabulary` option (or another `source` of text) names: "" = the config's
+    CUSTOM_VOCABULARY, a file of names (see `read_vocabulary_file`), or "a,b,c" (each entry may list
+    synonyms as in a file, "a | a2, b"). Returns (names, synonym groups or None)."""
     if not value:
         return parse_vocabulary(list(config_names), "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
     if os.path.isfile(value):
         return read_vocabulary_file(value)
-    return parse_vocabulary([s.strip() for s in value.split(",") if s.strip()], "--custom-vocabulary")
+    entries = [split_synonyms(s) for s in value.split(",")]
+    return parse_vocabulary([e for e in entries if e], source)

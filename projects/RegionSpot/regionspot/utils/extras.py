@@ -1,5 +1,5 @@
-"""Optional backbones live in optional packages (setup.py's extras): import them on demand, and
-tell the user which extra to install when one is missing."""
+"""Optional backbones (and the web demo) live in optional packages (setup.py's extras): import them
+on demand, and tell the user which extra to install when one is missing."""
 import importlib
 from types import ModuleType
 
@@ -7,6 +7,7 @@ from types import ModuleType
 EXTRAS = {
     "sam2": "sam2==1.1.0 (with SAM2_BUILD_CUDA=0) and hydra-core>=1.3.2",
     "open_clip": "open-clip-torch==3.3.0",
+    "web": "gradio==6.31.0",
 }
 
 
