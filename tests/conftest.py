@@ -1,4 +1,6 @@
 """Shared fixtures: tiny random SAM and CLIP, and a synthetic LVIS-format dataset in a temp folder."""
+import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -30,6 +32,22 @@ CONFIG_DIR = os.path.join(ROOT, "configs")
 # shipped pretrained files); tests of the quickstart itself use its own config.
 TINY_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny-random_synthetic.yaml")
 QUICKSTART_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny_synthetic.yaml")
+PLUGIN_CONFIG = os.path.join(CONFIG_DIR, "plugins", "RegionSpot-BL_rpn_R_50_FPN_lvis.yaml")
+# The shipped plug-in config with the tests' tiny encoders, a random small detector and unresized images.
+PLUGIN_TINY = ("MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+               "MODEL.REGIONSPOT.SAM.TYPE", "tiny", "MODEL.REGIONSPOT.CLIP.NAME", "tiny",
+               "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "128", "MODEL.REGIONSPOT.TEXT.TEMPLATES", "single",
+               "MODEL.REGIONSPOT.HEAD.DIM_FEEDFORWARD", "256", "INPUT.MIN_SIZE_TEST", "0",
+               "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "SOLVER.AMP.ENABLED", "False",
+               "DATALOADER.NUM_WORKERS", "0", "MODEL.REGIONSPOT.USE_PROPOSAL_SCORE", "False")
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (loaded by path: a `tools` package elsewhere may shadow it)."""
+    spec = importlib.util.spec_from_file_location(f"regionspot_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +135,14 @@ def _gt_by_image(dataset):
         out[d["image_id"]] = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                               [a["category_id"] for a in d["annotations"]])
     return out
+
+
+def gt_proposals_file(tmp_path, dataset) -> str:
+    """A per-image proposals JSON ({image_id: {boxes, scores}}) holding `dataset`'s gt boxes."""
+    path = tmp_path / "gt_proposals.json"
+    gt = _gt_by_image(dataset)
+    path.write_text(json.dumps({str(i): {"boxes": b.tolist(), "scores": [1.0] * len(b)} for i, (b, _) in gt.items()}))
+    return str(path)
 
 
 def make_oracle_checkpoint(cfg, dataset: str, path, original_layout: bool = True) -> str:

@@ -7,7 +7,6 @@ tokens (extracted by the pair's SAM, keyed by its type) and online; the predicto
 ROI-head plug-in route and the benchmark run on it; the text-embedding cache is keyed by the
 text model.
 """
-import importlib.util
 import json
 import os
 
@@ -24,7 +23,8 @@ from regionspot.data.token_cache import load_tokens, token_cache_folder, token_f
 from regionspot.data.token_extraction import extract_tokens
 from regionspot.predictor import RegionSpotPredictor
 
-from conftest import ROOT, TINY_CONFIG, _gt_by_image, make_oracle_checkpoint, tiny_cfg
+from conftest import (PLUGIN_CONFIG, PLUGIN_TINY, ROOT, TINY_CONFIG, _gt_by_image, gt_proposals_file, load_tool,
+                      make_oracle_checkpoint, tiny_cfg)
 
 SAM2 = ("MODEL.REGIONSPOT.SAM.TYPE", "sam2_tiny", "MODEL.REGIONSPOT.SAM.CHECKPOINT", "random")
 OPEN_CLIP = ("MODEL.REGIONSPOT.CLIP.BACKEND", "open_clip", "MODEL.REGIONSPOT.CLIP.NAME", "tiny",
@@ -135,15 +135,8 @@ def test_text_embedding_cache_is_keyed_by_the_text_model(synthetic_val):
     torch.testing.assert_close(again.text_embeddings(synthetic_val)[1], b)
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"regionspot_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_runs_and_counts_flops_for_each_new_backbone():
-    benchmark = _tool("benchmark")
+    benchmark = load_tool("benchmark")
     for argv in (["--sam", "sam2_tiny", "--clip", "tiny"], ["--sam", "tiny", "--clip-backend", "open_clip", "--clip", "tiny",
                                                            "--clip-size", "64"]):
         args = benchmark.parse_args([*argv, "--device", "cpu", "--boxes", "4"])
@@ -157,23 +150,11 @@ def test_benchmark_runs_and_counts_flops_for_each_new_backbone():
         assert eight["sam_encoder"] == flops["sam_encoder"] and eight["clip"] == flops["clip"]
 
 
-PLUGIN_CONFIG = os.path.join(ROOT, "configs", "plugins", "RegionSpot-BL_rpn_R_50_FPN_lvis.yaml")
-# The plug-in config with the tests' tiny encoders, a small random detector and unresized images.
-PLUGIN_TINY = ("MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.REGIONSPOT.SAM.TYPE", "tiny",
-               "MODEL.REGIONSPOT.CLIP.NAME", "tiny", "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "128",
-               "MODEL.REGIONSPOT.TEXT.TEMPLATES", "single", "MODEL.REGIONSPOT.HEAD.DIM_FEEDFORWARD", "256",
-               "INPUT.MIN_SIZE_TEST", "0", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-               "SOLVER.AMP.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0",
-               "MODEL.REGIONSPOT.USE_PROPOSAL_SCORE", "False")
-
-
 def test_roi_head_plug_in_with_an_oracle_head_gives_box_ap_100(pair, synthetic_val, tmp_path):
     """The RegionSpot ROI head in detectron2's GeneralizedRCNN, gt boxes as precomputed proposals."""
     _, opts = pair
     oracle = make_oracle_checkpoint(tiny_cfg(*opts), synthetic_val, tmp_path / "oracle.pth", original_layout=False)
-    gt = _gt_by_image(synthetic_val)
-    proposals = tmp_path / "gt_proposals.json"
-    proposals.write_text(json.dumps({str(i): {"boxes": b.tolist(), "scores": [1.0] * len(b)} for i, (b, _) in gt.items()}))
+    proposals = gt_proposals_file(tmp_path, synthetic_val)
     args = default_argument_parser().parse_args([
         "--config-file", PLUGIN_CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "out"), *PLUGIN_TINY, *opts,
         "MODEL.PROPOSAL_GENERATOR.NAME", "PrecomputedProposals", "MODEL.LOAD_PROPOSALS", "True",
@@ -186,7 +167,7 @@ def test_roi_head_plug_in_with_an_oracle_head_gives_box_ap_100(pair, synthetic_v
 
 def test_demo_draws_and_writes_json(pair, synthetic_val, tmp_path):
     _, opts = pair
-    demo = _tool("demo")
+    demo = load_tool("demo")
     d = DatasetCatalog.get(synthetic_val)[0]
     boxes, _ = _gt_by_image(synthetic_val)[d["image_id"]]
     box_file = tmp_path / "boxes.json"

@@ -1,6 +1,5 @@
 """Extreme aspect ratios (a 4 x 4000 sliver) work through the predictor and the demo, and an image
 that still fails stops only itself: the demo finishes the others and writes its JSON."""
-import importlib.util
 import json
 import os
 
@@ -12,11 +11,9 @@ from PIL import Image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.synthetic import make_synthetic_lvis
 
-from conftest import ROOT, TINY_CONFIG, tiny_cfg
+from conftest import TINY_CONFIG, tiny_cfg, load_tool
 
-spec = importlib.util.spec_from_file_location("regionspot_tool_demo_extreme", os.path.join(ROOT, "tools", "demo.py"))
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
+demo = load_tool("demo")
 
 SHAPES = [(4, 4000), (4000, 4), (1, 4000), (1, 1)]
 

@@ -1,6 +1,5 @@
 """Your own data without writing Python: MODEL.REGIONSPOT.REGISTER_DATASETS names COCO/LVIS-format
 files; train_net.py trains and evaluates on them and tools/demo.py uses their vocabulary."""
-import importlib.util
 import json
 import os
 
@@ -13,11 +12,9 @@ from regionspot.config import get_regionspot_cfg
 from regionspot.data.datasets import register_datasets_from_cfg
 from regionspot.data.synthetic import make_synthetic_lvis
 
-from conftest import ROOT
+from conftest import load_tool
 
-spec = importlib.util.spec_from_file_location("regionspot_tool_demo_own", os.path.join(ROOT, "tools", "demo.py"))
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
+demo = load_tool("demo")
 
 NAMES = ("mydata_train", "mydata_val")
 ID_STEP = 10  # category ids 10, 20, ...: not 1..C, so a wrong id mapping shows

@@ -1,5 +1,4 @@
 """SAM token extraction: counts, layout, resumability, failures, sharding and the CLI."""
-import importlib.util
 import json
 import os
 import socket
@@ -17,17 +16,13 @@ from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lv
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import ExtractionSummary, extract_tokens, shard_of
 
-from conftest import ROOT, TINY_CONFIG, tiny_cfg
+from conftest import TINY_CONFIG, tiny_cfg, load_tool
 
 NUM_IMAGES = 6
 
 
 def _load_cli():
-    # tools/ is no package (and site-packages may hold an unrelated `tools`): load the file itself.
-    path = os.path.join(ROOT, "tools", "extract_sam_tokens.py")
-    spec = importlib.util.spec_from_file_location("regionspot_tool_extract_sam_tokens", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("extract_sam_tokens")
     return module
 
 

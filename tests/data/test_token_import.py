@@ -1,7 +1,6 @@
 """Importing the original release's SAM token files (<root>/<folder>/<image_id>.pth with
 `mask_tokens` and `classes`): matched to the annotations by count and class, refused by name when
 the pairing is not certain, and then read by cached training."""
-import importlib.util
 import os
 
 import pytest
@@ -13,7 +12,7 @@ from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lv
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_import import import_released_tokens, match_order
 
-from conftest import ROOT, TINY_CONFIG, tiny_cfg
+from conftest import ROOT, TINY_CONFIG, tiny_cfg, load_tool
 
 NAME = "token_import_test_set"
 NO_RESIZE = ("INPUT.MIN_SIZE_TRAIN", "(192,)", "INPUT.MAX_SIZE_TRAIN", "256")
@@ -128,9 +127,7 @@ def test_other_sam_is_refused_without_the_flag(dataset, tmp_path):
 
 
 def test_cli_names_bad_files_and_exits_1(dataset, tmp_path):
-    spec = importlib.util.spec_from_file_location("regionspot_tool_import", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("import_sam_tokens")
     dicts = DatasetCatalog.get(dataset)
     released = str(tmp_path / "released")
     _write_release(os.path.join(released, "cli"), dicts)

@@ -1,7 +1,6 @@
 """The quickstart's shipped tiny encoders (tools/pretrain_tiny_encoders.py): small, found from any
 working directory, and meaningful on the synthetic world (not random); the script is reproducible."""
 import gzip
-import importlib.util
 import os
 
 import pytest
@@ -13,14 +12,11 @@ from regionspot.modeling.clip_encoder import build_clip, build_clip_encoder
 from regionspot.modeling.sam_encoder import build_sam, build_sam_encoder
 from regionspot.utils.weights import PACKAGE_DIR, load_weights_file, resolve_weights
 
-from conftest import QUICKSTART_CONFIG, ROOT
+from conftest import QUICKSTART_CONFIG, load_tool
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "regionspot_tool_pretrain", os.path.join(ROOT, "tools", "pretrain_tiny_encoders.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("pretrain_tiny_encoders")
     return module
 
 

@@ -3,8 +3,6 @@ tiny encoders, PrecomputedProposals = gt boxes, an oracle head (AP 100 through t
 the same scores and masks as the meta-architecture and the predictor, empty proposals, and one
 training step that moves only the fusion head."""
 import copy
-import json
-import os
 
 import numpy as np
 import pytest
@@ -22,37 +20,19 @@ from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.proposals import attach_proposals
 from regionspot.engine.trainer import RegionSpotTrainer
 
-from conftest import CONFIG_DIR, _gt_by_image, tiny_cfg
-
-PLUGIN_CONFIG = os.path.join(CONFIG_DIR, "plugins", "RegionSpot-BL_rpn_R_50_FPN_lvis.yaml")
-# The shipped config with the tiny encoders of the tests, a random detector and small images.
-TINY = ("MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
-        "MODEL.REGIONSPOT.SAM.TYPE", "tiny", "MODEL.REGIONSPOT.CLIP.NAME", "tiny",
-        "MODEL.REGIONSPOT.CLIP.INPUT_SIZE", "128", "MODEL.REGIONSPOT.TEXT.TEMPLATES", "single",
-        "MODEL.REGIONSPOT.HEAD.DIM_FEEDFORWARD", "256", "INPUT.MIN_SIZE_TEST", "0",
-        "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "SOLVER.AMP.ENABLED", "False",
-        "DATALOADER.NUM_WORKERS", "0", "MODEL.REGIONSPOT.USE_PROPOSAL_SCORE", "False")
-
+from conftest import PLUGIN_CONFIG, PLUGIN_TINY, _gt_by_image, gt_proposals_file, tiny_cfg
 
 def _plugin_cfg(*opts):
     cfg = tiny_cfg()  # the tiny keys, then the plug-in config and overrides over them
     cfg.defrost()
     cfg.merge_from_file(PLUGIN_CONFIG)
-    cfg.merge_from_list([*TINY, *opts])
+    cfg.merge_from_list([*PLUGIN_TINY, *opts])
     return cfg
-
-
-def _gt_proposals(tmp_path, dataset) -> str:
-    """A per-image proposals JSON ({image_id: {boxes, scores}}) holding the gt boxes."""
-    path = tmp_path / "gt_proposals.json"
-    gt = _gt_by_image(dataset)
-    path.write_text(json.dumps({str(i): {"boxes": b.tolist(), "scores": [1.0] * len(b)} for i, (b, _) in gt.items()}))
-    return str(path)
 
 
 def _precomputed(tmp_path, dataset, oracle):
     return ("MODEL.PROPOSAL_GENERATOR.NAME", "PrecomputedProposals", "MODEL.LOAD_PROPOSALS", "True",
-            "DATASETS.TEST", f'("{dataset}",)', "DATASETS.PROPOSAL_FILES_TEST", f'("{_gt_proposals(tmp_path, dataset)}",)',
+            "DATASETS.TEST", f'("{dataset}",)', "DATASETS.PROPOSAL_FILES_TEST", f'("{gt_proposals_file(tmp_path, dataset)}",)',
             "MODEL.REGIONSPOT.HEAD_WEIGHTS", oracle, "TEST.DETECTIONS_PER_IMAGE", "1000")
 
 
@@ -71,7 +51,7 @@ def _find(pairs, box, cls):
 def test_roi_head_with_gt_proposals_and_oracle_gives_ap_100(synthetic_val, oracle, tmp_path):
     args = default_argument_parser().parse_args(
         ["--config-file", PLUGIN_CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "out"),
-         *TINY, *_precomputed(tmp_path, synthetic_val, oracle)])
+         *PLUGIN_TINY, *_precomputed(tmp_path, synthetic_val, oracle)])
     res = train_net.main(args)
     res = res.get(synthetic_val, res)
     assert res["bbox"]["AP"] > 99.9

@@ -1,15 +1,10 @@
 """tools/benchmark.py's measurements that could silently be wrong: FLOP counts and the pipeline."""
-import importlib.util
 import json
-import os
 
-import torch
 
-from conftest import ROOT
+from conftest import load_tool
 
-spec = importlib.util.spec_from_file_location("regionspot_tool_benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+benchmark = load_tool("benchmark")
 
 
 def _flops(*argv, opts=()):

@@ -1,6 +1,5 @@
 """tools/demo.py: pictures and COCO-format JSON for a folder, failures reported by name and in the
 exit code, every prompt source, vocabularies and bad options."""
-import importlib.util
 import json
 import os
 import shutil
@@ -16,12 +15,10 @@ from PIL import Image
 
 from regionspot.data.synthetic import DEFAULT_CLASSES, make_synthetic_lvis
 
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, load_tool
 
 DEMO = os.path.join(ROOT, "tools", "demo.py")
-spec = importlib.util.spec_from_file_location("regionspot_tool_demo", DEMO)  # "tools" may be shadowed
-demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo)
+demo = load_tool("demo")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,15 @@
 """tools/gpu_check.sh: the GPU speed check must work the first time it meets a GPU, so both of its
 steps run here, the measurement as a dry run on the CPU with tiny SAM and CLIP."""
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, load_tool
 
 SCRIPT = os.path.join(ROOT, "tools", "gpu_check.sh")
-spec = importlib.util.spec_from_file_location("regionspot_tool_gpu_check", os.path.join(ROOT, "tools", "gpu_check.py"))
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+gpu_check = load_tool("gpu_check")
 
 
 def _sh(*args, **env):

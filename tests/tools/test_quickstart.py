@@ -1,20 +1,18 @@
 """The offline quickstart (tools/quickstart.py) recognizes: with the shipped pretrained tiny
 encoders its top-1 labels are mostly right, SAM's masks score, training lifts bbox AP, and the
 console stays short and free of warnings."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from PIL import Image
 
-from conftest import ROOT, tiny_cfg
+from conftest import ROOT, tiny_cfg, load_tool
 
 # Measured on synthetic_shapes_val (48 images, 122 ground-truth boxes), SEED 0, 1 thread:
 #   150 iterations (this test): top-1 100.0%, bbox AP 24.4 -> 100.0, segm AP 65.1, 23 console lines;
@@ -30,9 +28,7 @@ MAX_CONSOLE_LINES = 40
 
 def _load_quickstart():
     # tools/ is no package (and site-packages may hold an unrelated `tools`): load the file itself.
-    spec = importlib.util.spec_from_file_location("regionspot_tool_quickstart", os.path.join(ROOT, "tools", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("quickstart")
     return module
 
 

@@ -3,7 +3,6 @@ point, a box, a vocabulary change and "segment everything" give what RegionSpotP
 the same inputs; bad inputs come back as messages; the server binds 127.0.0.1 and stops after
 each test."""
 import html
-import importlib.util
 import json
 import os
 import urllib.error
@@ -24,11 +23,9 @@ from regionspot.data.synthetic import DEFAULT_CLASSES
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.visualization import draw_regions
 
-from conftest import QUICKSTART_CONFIG, ROOT
+from conftest import QUICKSTART_CONFIG, load_tool
 
-spec = importlib.util.spec_from_file_location("regionspot_tool_web_demo", os.path.join(ROOT, "tools", "web_demo.py"))
-web_demo = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(web_demo)
+web_demo = load_tool("web_demo")
 
 SAM_AUTO_OPEN = ["MODEL.REGIONSPOT.SAM_AUTO.PRED_IOU_THRESH", "0.0", "MODEL.REGIONSPOT.SAM_AUTO.STABILITY_SCORE_THRESH",
                  "0.0", "MODEL.REGIONSPOT.SAM_AUTO.POINTS_PER_SIDE", "4"]

@@ -3,9 +3,7 @@ loads offline, takes an uploaded image, a clicked point, a box drawn by two clic
 vocabulary, and shows what RegionSpotPredictor gives for those prompts; an empty vocabulary is a
 message in the page. The server (tools/web_demo.py itself, on 127.0.0.1) and the browser stop at
 the end of the test; a screenshot of the page is saved into the test's folder."""
-import importlib.util
 import io
-import os
 
 import numpy as np
 import pytest
@@ -16,12 +14,9 @@ from regionspot.data.synthetic import DEFAULT_CLASSES
 from test_web_demo import (assert_rows_equal, expected_picture, expected_regions, expected_rows, reference_predictor,
                            web_demo)
 
-from conftest import ROOT
+from conftest import load_tool
 
-spec = importlib.util.spec_from_file_location("regionspot_tool_check_web_demo",
-                                              os.path.join(ROOT, "tools", "check_web_demo.py"))
-check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check)
+check = load_tool("check_web_demo")
 
 
 @pytest.fixture
