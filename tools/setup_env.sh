@@ -11,7 +11,7 @@ VENV="${REGIONSPOT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.regionspot-env-v2"
 
-if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip, gradio, selenium" 2>/dev/null; then
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip, gradio, selenium, onnx, onnxruntime, onnxscript" 2>/dev/null; then
   exit 0
 fi
 
@@ -46,6 +46,8 @@ fi
 SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
 # The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
 "${PIP[@]}" gradio==6.31.0 selenium==4.51.0
+# ONNX export and the onnxruntime predictor (extra deploy).
+"${PIP[@]}" onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2
