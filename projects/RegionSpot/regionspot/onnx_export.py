@@ -200,9 +200,16 @@ def _export(module: nn.Module, args: Tuple, path: str, input_names: List[str], o
             # The tracer's warnings concern Python-level shape checks of the packages' modules, which
             # hold for every input of the exported shapes; the equality tests check the graphs.
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, path, input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-                              do_constant_folding=True)
+            # nn.MultiheadAttention's fused inference path (open_clip's towers take it) has no ONNX
+            # form; its plain path computes the same.
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                torch.onnx.export(module, args, path, input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+                                  do_constant_folding=True)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
     except Exception as e:
         raise ExportError(f"{part}: torch.onnx.export failed ({type(e).__name__}: {str(e)[:500]})") from e
 
@@ -230,7 +237,9 @@ def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAU
         cfg: its config (recorded, and read for the test-time resize and mask settings).
         output: the folder to write; must not exist or be empty.
         opset: ONNX opset.
-        text: export the text graph and tokenizer (refused for open_clip; see `_tokenizer_file`).
+        text: export the text graph and tokenizer. Not possible for open_clip (see
+            `_tokenizer_file`): then it is left out with a warning, and the manifest's
+            "not_exported" says why.
         vocabulary: (names, (C, D) embeddings) to store beside the graphs.
         quantize_int8: also write int8 dynamically quantized image encoders (``*.int8.onnx``).
         fp16: store the graphs' weights in float16 (inputs and outputs stay float32).
@@ -289,9 +298,15 @@ def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8
             os.path.join(folder, "region.onnx"), names_in, names_out, axes, opset, "region graph")
     graphs["region"] = "region.onnx"
 
-    text_info = None
+    text_info, skipped = None, {}
     if text:
-        bpe, context = _tokenizer_file(pipeline, cfg)
+        try:
+            bpe, context = _tokenizer_file(pipeline, cfg)
+        except ExportError as e:  # the rest serves without it: the vocabulary comes as embeddings
+            logger.warning(f"Not exported: {e}")
+            skipped["text"] = str(e)
+            text = False
+    if text:
         logger.info("exporting CLIP's text tower")
         _export(TextGraph(pipeline.clip_encoder.clip_model), (torch.zeros(2, context, dtype=torch.long),),
                 os.path.join(folder, "text.onnx"), ["tokens"], ["text_embeddings"],
@@ -320,6 +335,7 @@ def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8
     manifest = {
         "format": mf.FORMAT,
         "graphs": graphs,
+        "not_exported": skipped,
         "int8_graphs": int8,
         "opset": opset,
         "precision": "fp16" if fp16 else "fp32",

@@ -32,8 +32,8 @@ def _listed(folder: str) -> Iterable[str]:
 
 
 def write_manifest(folder: str, manifest: Dict) -> str:
-    """Add the SHA256 of every file in `folder` to `manifest` ("files") and write it atomically."""
-    manifest = dict(manifest)
+    """Add the SHA256 of every file in `folder` to `manifest` ("files", in place) and write it
+    atomically; returns its path."""
     manifest["files"] = {rel: sha256_of(os.path.join(folder, rel)) for rel in sorted(_listed(folder))}
     path = os.path.join(folder, MANIFEST)
     tmp = path + ".tmp"

@@ -391,8 +391,9 @@ class OnnxRegionSpotPredictor:
                      labels: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         """Prompts in original pixels -> SAM's point form in its input frame: coordinates through the
         test-time resize (float64, as detectron2 moves them) and SAM's resize (float32, as SAM's
-        transforms); a box is two corners labelled 2 and 3, after the region's points; SAM adds a
-        padding point (label -1) when a region has no box, SAM 2 always."""
+        transforms); a box is two corners labelled 2 and 3, after the region's points (SAM 2:
+        before); SAM adds a padding point (label -1) when a region has no box (SAM 2 always, inside
+        its graph)."""
         f, sam = self._features, self.manifest["sam"]
         (H, W), (h, w) = f["image_size"], f["encoded_size"]
         n = boxes.shape[0] if boxes is not None else points.shape[0]
@@ -416,7 +417,7 @@ class OnnxRegionSpotPredictor:
             parts_l.append(np.tile(np.array([[2.0, 3.0]], np.float32), (n, 1)))
             if sam["family"] == "sam2":  # SAM 2 puts the box corners before the points
                 parts_xy, parts_l = parts_xy[::-1], parts_l[::-1]
-        if boxes is None or sam["family"] == "sam2":
+        if boxes is None and sam["family"] == "sam":  # SAM 2's graph appends its padding point itself
             parts_xy.append(np.zeros((n, 1, 2), np.float32))
             parts_l.append(-np.ones((n, 1), np.float32))
         return np.concatenate(parts_xy, axis=1), np.concatenate(parts_l, axis=1)
