@@ -363,8 +363,14 @@ def _quantize(folder: str, name: str) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = name.replace(".onnx", ".int8.onnx")
-    quantize_dynamic(os.path.join(folder, name), os.path.join(folder, out), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run shape pre-processing first, logged on the root logger
+    try:
+        quantize_dynamic(os.path.join(folder, name), os.path.join(folder, out), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
     return out
 
 
