@@ -58,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default="1024x768", help="WxH of the synthetic image")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--device", default="cpu", help="PyTorch's device for the eager and compiled stages")
     p.add_argument("--equality", action="store_true", help="real-size equality of the exported folder instead")
     p.add_argument("--keep", default="", metavar="DIR", help="export into DIR (kept) instead of a temporary folder")
     p.add_argument("--json", default="", metavar="FILE", help="also write the results as JSON")
@@ -73,7 +74,7 @@ def make_cfg(args, sam: str, clip_backend: str, clip: str, clip_size: int, extra
         c = cfg.MODEL.REGIONSPOT
         c.SAM.TYPE, c.SAM.CHECKPOINT = sam, "random"
         c.CLIP.BACKEND, c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE = clip_backend, clip, "random", clip_size
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = args.device
     cfg.merge_from_list(list(args.opts) + list(extra))
     return cfg
 
@@ -102,12 +103,15 @@ def make_boxes(n: int, image: np.ndarray, seed: int = 1) -> np.ndarray:
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
+    """Median seconds of `repeats` calls after one warm-up call (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
@@ -122,7 +126,7 @@ def agreement(p: np.ndarray, q: np.ndarray) -> Dict[str, float]:
 def torch_stages(model, image: np.ndarray, boxes: Dict[int, np.ndarray], prompts: List[str], repeats: int) -> Dict:
     predictor = RegionSpotPredictor(model=model, vocabulary="bench", test_augmentations=[])
     pipe = find_pipeline(model)
-    x = torch.from_numpy(image.transpose(2, 0, 1).copy())
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy()).to(model.device)
     sam_in, size = pipe.sam_encoder.preprocess(x)
     clip_in = pipe.clip_encoder.preprocess(x)[None]
     out = {}
