@@ -132,3 +132,8 @@ def test_wheel_ships_configs_and_model_zoo_works_elsewhere(tmp_path):
     # META_ARCHITECTURE comes from Base-RegionSpot.yaml, CLIP from RegionSpot-BL336.yaml: two _BASE_ hops.
     assert lines[1] == "RegionSpot ViT-L/14@336px proposals"
     assert int(lines[2]) == len(source)
+    # A serving machine's install (docs/DEPLOY.md): the same wheel with --no-deps; its torch-free
+    # predictor package imports where torch and detectron2 cannot.
+    code = ("import sys\nsys.modules['torch'] = sys.modules['detectron2'] = None\n"
+            "import regionspot_deploy\nprint(regionspot_deploy.__file__)\n")
+    assert _run([sys.executable, "-c", code], cwd=elsewhere, env=env).strip().startswith(str(target))
