@@ -367,8 +367,10 @@ def _quantize(folder: str, name: str) -> str:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run shape pre-processing first, logged on the root logger
     try:
+        # A graph over protobuf's 2 GB (SAM ViT-H) keeps its weights in external files: so must the output.
         quantize_dynamic(os.path.join(folder, name), os.path.join(folder, out), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+                         op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=bool(_external_files(os.path.join(folder, name))))
     finally:
         root.setLevel(level)
     return out
@@ -381,6 +383,7 @@ def _to_fp16(path: str) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    external = _external_files(path)
     model = onnx.load(path)
     g = model.graph
     casts = []
@@ -395,4 +398,21 @@ def _to_fp16(path: str) -> None:
                                       name=init.name + "__cast"))
     for node in reversed(casts):
         g.node.insert(0, node)
-    onnx.save(model, path)
+    for init in g.initializer:  # now in memory: saved inline, or anew as one external file when too large
+        init.data_location = onnx.TensorProto.DEFAULT
+        del init.external_data[:]
+    too_large = model.ByteSize() > 2_000_000_000 if not external else sum(
+        numpy_helper.to_array(i).nbytes for i in g.initializer) > 2_000_000_000
+    onnx.save(model, path, save_as_external_data=too_large, location=os.path.basename(path) + ".data")
+    folder = os.path.dirname(path)
+    for rel in external - ({os.path.basename(path) + ".data"} if too_large else set()):
+        os.remove(os.path.join(folder, rel))
+
+
+def _external_files(path: str) -> set:
+    """The files holding a graph's external weights (the exporter writes them beside graphs over 2 GB)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return {entry.value for init in model.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+            for entry in init.external_data if entry.key == "location"}
