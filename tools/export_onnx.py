@@ -68,7 +68,8 @@ def export(args: argparse.Namespace) -> dict:
         names, emb = predictor.vocabulary_embeddings(spec)
         vocabulary = (list(names), emb.float().cpu().numpy())
     return export_folder(find_pipeline(predictor.model), cfg, args.output, opset=args.opset, text=not args.no_text,
-                         vocabulary=vocabulary, quantize_int8=args.quantize_int8, fp16=args.fp16)
+                         vocabulary=vocabulary, quantize_int8=args.quantize_int8, fp16=args.fp16,
+                         vocabulary_spec=args.vocabulary)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

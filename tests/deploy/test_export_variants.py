@@ -82,7 +82,7 @@ def test_tool_writes_a_folder_and_refuses_a_full_one(tmp_path, capsys):
     argv = ["--config-file", TINY_CONFIG, "--output", out, "--vocabulary", "custom", "--custom-vocabulary", "cat,dog"]
     assert export_onnx.main(argv) == 0
     onnx = OnnxRegionSpotPredictor(out)
-    assert onnx.default_vocabulary[0] == ["cat", "dog"]
+    assert onnx.default_vocabulary[0] == ["cat", "dog"] and onnx.manifest["vocabulary"]["spec"] == "custom"
     onnx.set_image(np.zeros((40, 50, 3), np.uint8))
     assert onnx.predict(boxes=[[1, 1, 30, 30]]).class_scores.shape == (1, 2)
     assert export_onnx.main(argv) == 2

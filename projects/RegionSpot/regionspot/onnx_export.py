@@ -229,7 +229,7 @@ def _tokenizer_file(pipeline: RegionPipeline, cfg) -> Tuple[str, int]:
 
 def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAULT_OPSET,
                   text: bool = True, vocabulary: Optional[Tuple[List[str], np.ndarray]] = None,
-                  quantize_int8: bool = False, fp16: bool = False) -> Dict:
+                  quantize_int8: bool = False, fp16: bool = False, vocabulary_spec: str = "") -> Dict:
     """Write the folder (atomically: into a temporary sibling, then renamed). Returns the manifest.
 
     Args:
@@ -241,6 +241,7 @@ def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAU
             `_tokenizer_file`): then it is left out with a warning, and the manifest's
             "not_exported" says why.
         vocabulary: (names, (C, D) embeddings) to store beside the graphs.
+        vocabulary_spec: what that vocabulary was asked as (e.g. "lvis"), recorded in the manifest.
         quantize_int8: also write int8 dynamically quantized image encoders (``*.int8.onnx``).
         fp16: store the graphs' weights in float16 (inputs and outputs stay float32).
     """
@@ -252,7 +253,7 @@ def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAU
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        manifest = _write(pipeline, cfg, tmp, family, opset, text, vocabulary, quantize_int8, fp16)
+        manifest = _write(pipeline, cfg, tmp, family, opset, text, vocabulary, quantize_int8, fp16, vocabulary_spec)
         if os.path.isdir(output):
             os.rmdir(output)
         os.replace(tmp, output)
@@ -262,7 +263,7 @@ def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAU
     return manifest
 
 
-def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8, fp16) -> Dict:
+def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8, fp16, vocabulary_spec) -> Dict:
     c = cfg.MODEL.REGIONSPOT
     sam = sam_section(pipeline, family)
     clip_info = clip_section(pipeline, cfg)
@@ -330,7 +331,7 @@ def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8
         np.save(os.path.join(folder, "vocabulary.npy"), np.asarray(emb, dtype=np.float32))
         with open(os.path.join(folder, "vocabulary.json"), "w") as f:
             json.dump(list(names), f)
-        vocab_info = {"embeddings": "vocabulary.npy", "names": "vocabulary.json"}
+        vocab_info = {"embeddings": "vocabulary.npy", "names": "vocabulary.json", "spec": vocabulary_spec}
 
     manifest = {
         "format": mf.FORMAT,

@@ -97,8 +97,7 @@ def to_rgb_array(image: ImageLike, format: str = "RGB") -> np.ndarray:
         if not os.path.isfile(image):
             raise FileNotFoundError(f"Image file {image} does not exist.")
         with Image.open(image) as im:
-            return to_rgb_array(ImageOps.exif_transpose(im).convert("RGB") if im.mode != "RGB"
-                                else ImageOps.exif_transpose(im), "RGB")
+            return to_rgb_array(ImageOps.exif_transpose(im), "RGB")
     if isinstance(image, Image.Image):
         if image.mode in ("I", "I;16", "I;16B", "F"):
             raise ValueError(f"The PIL image has mode {image.mode}: convert it to 8-bit RGB first.")
