@@ -209,3 +209,19 @@ def test_serves_without_torch_and_detectron2(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Two regions with masks at the image size, and each region's probabilities sum to 1.
     assert "(2, 120, 160)" in proc.stdout and abs(float(proc.stdout.split()[-1]) - 2.0) < 1e-4
+
+
+def test_a_file_a_pil_image_and_a_bgr_array_give_the_same_features(exported, image, tmp_path):
+    from PIL import Image
+
+    onnx = OnnxRegionSpotPredictor(exported[1], verify=False)
+    path = str(tmp_path / "image.png")
+    Image.fromarray(image).save(path)
+    features = []
+    for item, fmt in ((image, "RGB"), (path, "RGB"), (Image.open(path), "RGB"), (image[:, :, ::-1], "BGR")):
+        onnx.set_image(item, format=fmt)
+        features.append(onnx._features["clip_tokens"])
+        assert np.array_equal(onnx.image, image)
+    assert all(np.array_equal(features[0], f) for f in features[1:])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        onnx.set_image(str(tmp_path / "missing.png"))
