@@ -7,8 +7,9 @@ TensorRT step).
 
 It exports SAM ViT-B + CLIP ViT-L/14 with random weights (or uses --folder), then builds one fp16
 engine per graph with the tensorrt Python package. The region graph's box axis and class axis
-are dynamic: its engine has two optimisation profiles, tuned for 12 and for 300 boxes, each
-admitting 1..MAX_BOXES boxes and 1..MAX_CLASSES classes; the text graph's prompt axis likewise.
+are dynamic: the region decoder's and head's engines have two optimisation profiles, tuned for 12
+and for 300 boxes, each admitting 1..MAX_BOXES boxes (and the head 1..MAX_CLASSES classes); the
+text graph's prompt axis likewise.
 Each engine is timed at the profile's tuned shapes and written to OUTDIR/tensorrt.json and .md,
 beside PyTorch eager on the same GPU (tools/benchmark_onnx.py's stages). The plan (the profiles,
 and the equivalent trtexec command lines) is always written to OUTDIR/tensorrt_plan.json; with
@@ -50,13 +51,18 @@ def profiles(manifest: Dict) -> Dict[str, List[Dict[str, Dict[str, List[int]]]]]
     d = manifest["clip"]["text_dim"]
     out = {"sam_image": [], "clip_image": []}
 
-    def region(boxes: int) -> Dict[str, Dict[str, List[int]]]:
-        axes = {"point_coords": lambda n, p: [n, p, 2], "point_labels": lambda n, p: [n, p]}
-        prof = {name: {"min": f(1, 1), "opt": f(boxes, 2), "max": f(MAX_BOXES, MAX_POINTS)} for name, f in axes.items()}
-        prof["text_embeddings"] = {"min": [1, d], "opt": [TUNED_CLASSES, d], "max": [MAX_CLASSES, d]}
-        return prof
+    c = manifest["sam"].get("token_dim", 256)
 
-    out["region"] = [region(n) for n in TUNED_BOXES]
+    def decoder(boxes: int) -> Dict[str, Dict[str, List[int]]]:
+        axes = {"point_coords": lambda n, p: [n, p, 2], "point_labels": lambda n, p: [n, p]}
+        return {name: {"min": f(1, 1), "opt": f(boxes, 2), "max": f(MAX_BOXES, MAX_POINTS)} for name, f in axes.items()}
+
+    def head(boxes: int) -> Dict[str, Dict[str, List[int]]]:
+        return {"region_tokens": {"min": [1, c], "opt": [boxes, c], "max": [MAX_BOXES, c]},
+                "text_embeddings": {"min": [1, d], "opt": [TUNED_CLASSES, d], "max": [MAX_CLASSES, d]}}
+
+    out["region_decoder"] = [decoder(n) for n in TUNED_BOXES]
+    out["region_head"] = [head(n) for n in TUNED_BOXES]
     if "text" in manifest["graphs"]:
         ctx = manifest["text"]["context_length"]
         out["text"] = [{"tokens": {"min": [1, ctx], "opt": [TUNED_PROMPTS, ctx], "max": [MAX_PROMPTS, ctx]}}]

@@ -159,12 +159,12 @@ def _copy(folder, tmp_path):
 
 def test_altered_or_missing_files_are_refused_by_name(exported, tmp_path):
     folder = _copy(exported[1], tmp_path)
-    with open(os.path.join(folder, "region.onnx"), "r+b") as f:
+    with open(os.path.join(folder, "region_head.onnx"), "r+b") as f:
         f.seek(100)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(FolderError, match=r"region\.onnx does not match the SHA256"):
+    with pytest.raises(FolderError, match=r"region_head\.onnx does not match the SHA256"):
         OnnxRegionSpotPredictor(folder)
     os.remove(os.path.join(folder, "clip_image.onnx"))
     with pytest.raises(FolderError, match=r"clip_image\.onnx is missing"):
@@ -184,7 +184,8 @@ def test_manifest_records_what_serving_needs(exported):
     assert manifest["test_resize"] == {"min_size": 200, "max_size": 300, "interp": "pil_bilinear"}
     assert manifest["clip"]["resize_mode"] == "bilinear" and manifest["clip"]["antialias"] is False
     assert manifest["sam"]["family"] == "sam" and manifest["sam"]["mask_threshold"] == 0.0
-    assert set(manifest["files"]) == {"sam_image.onnx", "clip_image.onnx", "region.onnx", "text.onnx",
+    assert set(manifest["files"]) == {"sam_image.onnx", "clip_image.onnx", "region_decoder.onnx",
+                                      "region_head.onnx", "text.onnx",
                                       "bpe_vocab.txt.gz", "vocabulary.npy", "vocabulary.json"}
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"]) and manifest["opset"] == 17
     assert "MIN_SIZE_TEST: 200" in manifest["config"]

@@ -14,21 +14,26 @@ def test_dry_run_plans_every_graph_with_dynamic_profiles(tmp_path, capsys):
     record = json.loads((tmp_path / "tensorrt.json").read_text())
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert record["status"] == "planned" and record["plan"] == steps
-    assert [s["graph"] for s in steps] == ["sam_image", "clip_image", "region", "region", "text"]
-    d, ctx = manifest["clip"]["text_dim"], manifest["text"]["context_length"]
-    region = [s for s in steps if s["graph"] == "region"]
-    assert [s["profile"]["point_coords"]["opt"] for s in region] == [[12, 2, 2], [300, 2, 2]]
-    for s in region:
+    assert [s["graph"] for s in steps] == ["sam_image", "clip_image", "region_decoder", "region_decoder",
+                                           "region_head", "region_head", "text"]
+    d, ctx, c = manifest["clip"]["text_dim"], manifest["text"]["context_length"], manifest["sam"]["token_dim"]
+    decoder = [s for s in steps if s["graph"] == "region_decoder"]
+    assert [s["profile"]["point_coords"]["opt"] for s in decoder] == [[12, 2, 2], [300, 2, 2]]
+    for s in decoder:
         p = s["profile"]
         assert p["point_coords"]["min"] == [1, 1, 2] and p["point_coords"]["max"][0] == tensorrt_check.MAX_BOXES
         assert p["point_labels"]["opt"] == p["point_coords"]["opt"][:2]
-        assert p["text_embeddings"] == {"min": [1, d], "opt": [1203, d], "max": [tensorrt_check.MAX_CLASSES, d]}
-        assert s["engine"] == region[0]["engine"]  # one engine holds both profiles
+        assert s["engine"] == decoder[0]["engine"]  # one engine holds both profiles
+    head = [s for s in steps if s["graph"] == "region_head"]
+    for s, n in zip(head, (12, 300)):
+        assert s["profile"] == {"region_tokens": {"min": [1, c], "opt": [n, c], "max": [tensorrt_check.MAX_BOXES, c]},
+                                "text_embeddings": {"min": [1, d], "opt": [1203, d], "max": [tensorrt_check.MAX_CLASSES, d]}}
     (text,) = [s for s in steps if s["graph"] == "text"]
     assert text["profile"]["tokens"]["opt"] == [81, ctx]
-    cmd = region[1]["trtexec"]
-    assert cmd[0] == "trtexec" and "--fp16" in cmd and f"--onnx={region[1]['onnx']}" in cmd
-    assert f"--optShapes=point_coords:300x2x2,point_labels:300x2,text_embeddings:1203x{d}" in cmd
+    cmd = head[1]["trtexec"]
+    assert cmd[0] == "trtexec" and "--fp16" in cmd and f"--onnx={head[1]['onnx']}" in cmd
+    assert f"--optShapes=region_tokens:300x{c},text_embeddings:1203x{d}" in cmd
+    assert "--optShapes=point_coords:12x2x2,point_labels:12x2" in decoder[0]["trtexec"]
     (sam,) = [s for s in steps if s["graph"] == "sam_image"]
     assert sam["profile"] == {} and not any(a.startswith("--minShapes") for a in sam["trtexec"])
     assert capsys.readouterr().out.count("[tensorrt] trtexec") == len(steps)

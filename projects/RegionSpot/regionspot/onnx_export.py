@@ -4,10 +4,15 @@ The folder holds four graphs and what serving needs around them:
 
 - ``sam_image.onnx``: SAM's image encoder, (1, 3, S, S) preprocessed image -> image features;
 - ``clip_image.onnx``: CLIP's image tower up to the token map, (1, 3, s, s) -> (1, L, W);
-- ``region.onnx``: SAM's prompt encoder and mask decoder, the fusion head and the classifier.
-  Prompts come in as SAM's point form (N, P, 2) with labels (N, P): a box is its two corners
-  labelled 2 and 3, points are labelled 1 / 0, padding -1; the class text embeddings (C, D) are an
-  input, so any vocabulary runs on one export (N and C are dynamic axes);
+- the region graph, as two graphs: ``region_decoder.onnx`` (SAM's prompt encoder and mask
+  decoder: image features + prompts -> region tokens and low-res mask logits) and
+  ``region_head.onnx`` (the fusion head and the classifier: region tokens + CLIP tokens + class
+  text embeddings -> region embeddings and class probabilities). Prompts come in SAM's point form
+  (N, P, 2) with labels (N, P): a box is its two corners labelled 2 and 3, points are labelled
+  1 / 0, padding -1. The class text embeddings (C, D) are an input, so any vocabulary runs on one
+  export; N, P and C are dynamic axes. Two graphs, because prompts decode independently (serving
+  decodes them in chunks, as the PyTorch path does, so memory stays bounded at 300 prompts) while
+  the head needs all of an image's regions at once;
 - ``text.onnx``: CLIP's text tower, (N, 77) token ids -> (N, D), with the BPE vocabulary file;
 - ``manifest.json``: every number the numpy pre- and post-processing needs, the config, opset,
   package versions and the SHA256 of every file (`regionspot_deploy.manifest`);
@@ -124,22 +129,34 @@ class _Sam2Decoder(nn.Module):
         return sam_tokens[:, 0], low_res
 
 
-class RegionGraph(nn.Module):
-    """Image features + N prompts + C class embeddings -> region tokens, region embeddings, class
-    probabilities and low-res mask logits of one image (the pipeline's `decode_regions`,
-    `embed_regions` and `probabilities`)."""
+class RegionDecoderGraph(nn.Module):
+    """Image features + N prompts in SAM's point form -> region tokens (N, C) and low-res mask
+    logits (N, 1, S/4, S/4): the pipeline's `decode_regions`. Prompts are independent here, so
+    serving runs it on chunks of prompts, with bounded memory (SAM's decoder repeats the image
+    embedding per prompt: about 60 MB of activations per prompt at 1024 pixels)."""
 
     def __init__(self, pipeline: RegionPipeline, family: str):
         super().__init__()
-        self.pipeline = pipeline
         self.decoder = _Sam2Decoder(pipeline.sam_encoder) if family == "sam2" else _Sam1Decoder(pipeline.sam_encoder)
 
     def forward(self, *args: torch.Tensor):
-        *feats, clip_tokens, coords, labels, text_embeddings = args
+        *feats, coords, labels = args
         tokens, low_res = self.decoder(feats, coords, labels)
-        emb = self.pipeline.head(tokens[None].float(), clip_tokens)[0]
-        probs = self.pipeline.probabilities(emb, text_embeddings)
-        return tokens.float(), emb, probs, low_res.float()
+        return tokens.float(), low_res.float()
+
+
+class RegionHeadGraph(nn.Module):
+    """All N region tokens of one image + its CLIP tokens + C class embeddings -> region embeddings
+    (N, D) and class probabilities (N, C): the pipeline's `embed_regions` and `probabilities` (the
+    regions attend to each other, so they go in together)."""
+
+    def __init__(self, pipeline: RegionPipeline):
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, region_tokens: torch.Tensor, clip_tokens: torch.Tensor, text_embeddings: torch.Tensor):
+        emb = self.pipeline.head(region_tokens[None], clip_tokens)[0]
+        return emb, self.pipeline.probabilities(emb, text_embeddings)
 
 
 # ------------------------------------------------------------------ what the manifest records
@@ -164,7 +181,7 @@ def sam_section(pipeline: RegionPipeline, family: str) -> Dict:
     return {"family": family, "image_size": int(enc.image_size), "resize": resize, "resize_mode": "bilinear",
             "antialias": True, "value_scale": scale, "mean": [float(v) for v in mean],
             "std": [float(v) for v in std], "mask_threshold": float(enc.mask_threshold),
-            "low_res_size": int(enc.image_size) // 4}
+            "low_res_size": int(enc.image_size) // 4, "token_dim": int(enc.token_dim)}
 
 
 def clip_section(pipeline: RegionPipeline, cfg) -> Dict:
@@ -281,23 +298,29 @@ def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8
             ["image"], ["clip_tokens"], {}, opset, "CLIP image tower")
     graphs["clip_image"] = "clip_image.onnx"
 
-    # The region graph, traced with features of the right shapes and 3 prompts of 3 points.
+    # The region graphs, traced with features of the right shapes, 3 prompts of 3 points and 5 classes.
     with torch.no_grad():
         feats = SamImageGraph(pipeline.sam_encoder, family)(torch.zeros(1, 3, S, S))
         feats = feats if isinstance(feats, tuple) else (feats,)
         clip_tokens = pipeline.clip_encoder.encode_image_tokens(torch.zeros(1, 3, s, s)).float()
     coords = torch.rand(3, 3, 2) * S
     labels = torch.tensor([[2.0, 3.0, 1.0]] * 3)
+    prompts = {"point_coords": {0: "regions", 1: "points"}, "point_labels": {0: "regions", 1: "points"},
+               "region_tokens": {0: "regions"}, "low_res_masks": {0: "regions"}}
+    logger.info("exporting the region decoder (SAM's prompt encoder and mask decoder)")
+    _export(RegionDecoderGraph(pipeline, family), (*feats, coords, labels), os.path.join(folder, "region_decoder.onnx"),
+            sam_out + ["point_coords", "point_labels"], ["region_tokens", "low_res_masks"], prompts, opset,
+            "region decoder")
+    graphs["region_decoder"] = "region_decoder.onnx"
+    tokens = torch.randn(3, pipeline.sam_encoder.token_dim)
     text_emb = torch.nn.functional.normalize(torch.randn(5, clip_info["text_dim"]), dim=-1)
-    names_in = sam_out + ["clip_tokens", "point_coords", "point_labels", "text_embeddings"]
-    names_out = ["region_tokens", "region_embeddings", "probabilities", "low_res_masks"]
-    axes = {"point_coords": {0: "regions", 1: "points"}, "point_labels": {0: "regions", 1: "points"},
-            "text_embeddings": {0: "classes"}, "region_tokens": {0: "regions"}, "region_embeddings": {0: "regions"},
-            "probabilities": {0: "regions", 1: "classes"}, "low_res_masks": {0: "regions"}}
-    logger.info("exporting the region graph")
-    _export(RegionGraph(pipeline, family), (*feats, clip_tokens, coords, labels, text_emb),
-            os.path.join(folder, "region.onnx"), names_in, names_out, axes, opset, "region graph")
-    graphs["region"] = "region.onnx"
+    axes = {"region_tokens": {0: "regions"}, "text_embeddings": {0: "classes"}, "region_embeddings": {0: "regions"},
+            "probabilities": {0: "regions", 1: "classes"}}
+    logger.info("exporting the region head (fusion head and classifier)")
+    _export(RegionHeadGraph(pipeline), (tokens, clip_tokens, text_emb), os.path.join(folder, "region_head.onnx"),
+            ["region_tokens", "clip_tokens", "text_embeddings"], ["region_embeddings", "probabilities"], axes, opset,
+            "region head")
+    graphs["region_head"] = "region_head.onnx"
 
     text_info, skipped = None, {}
     if text:

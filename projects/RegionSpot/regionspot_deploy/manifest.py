@@ -7,7 +7,7 @@ from typing import Dict, Iterable
 
 FORMAT = "regionspot-onnx-v1"
 MANIFEST = "manifest.json"
-REQUIRED_GRAPHS = ("sam_image", "clip_image", "region")
+REQUIRED_GRAPHS = ("sam_image", "clip_image", "region_decoder", "region_head")
 
 
 class FolderError(ValueError):

@@ -170,7 +170,7 @@ class OnnxRegionSpotPredictor:
 
     def __init__(self, folder: str, top_k: int = 5, providers: Optional[Sequence[str]] = None,
                  int8: bool = False, verify: bool = True, max_cached_vocabularies: int = 16,
-                 session_options=None):
+                 session_options=None, decode_chunk: int = 16):
         """
         Args:
             folder: an exported folder; its manifest's SHA256 of every file is checked first.
@@ -180,12 +180,17 @@ class OnnxRegionSpotPredictor:
             verify: check the files' SHA256 (turn off only for folders you just checked).
             max_cached_vocabularies: vocabularies whose embeddings stay in memory.
             session_options: an `onnxruntime.SessionOptions` (threads, ...).
+            decode_chunk: prompts per call of the region decoder (bounds memory: about 60 MB per
+                prompt with SAM at 1024 pixels).
         """
         import onnxruntime as ort
 
         self.folder = folder
         self.manifest = m = load_manifest(folder, verify=verify)
         self.top_k = self._check_top_k(top_k)
+        if isinstance(decode_chunk, bool) or not isinstance(decode_chunk, int) or decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive integer, got {decode_chunk!r}.")
+        self.decode_chunk = decode_chunk
         providers = list(providers) if providers else ["CPUExecutionProvider"]
         graphs = dict(m["graphs"])
         if int8:
@@ -422,6 +427,15 @@ class OnnxRegionSpotPredictor:
         return np.concatenate(parts_xy, axis=1), np.concatenate(parts_l, axis=1)
 
     # ------------------------------------------------------------------ prediction
+    def decode(self, coords: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Region tokens (N, C) and low-res mask logits (N, 1, l, l) of prompts in SAM's point form,
+        `decode_chunk` prompts per call of the decoder graph (its activations grow per prompt)."""
+        feeds = dict(zip(["image_embeddings", "high_res_feats_0", "high_res_feats_1"], self._features["sam"]))
+        out = [self.sessions["region_decoder"].run(None, {**feeds, "point_coords": coords[i:i + self.decode_chunk],
+                                                          "point_labels": labels[i:i + self.decode_chunk]})
+               for i in range(0, coords.shape[0], self.decode_chunk)]
+        return np.concatenate([t for t, _ in out]), np.concatenate([m for _, m in out])
+
     def predict(self, boxes=None, points=None, point_labels=None, vocabulary: VocabularyLike = None,
                 top_k: Optional[int] = None, prompt_scores=None, return_masks: Optional[bool] = None) -> RegionResults:
         """Classify regions of the image given to `set_image`, as `regionspot.RegionSpotPredictor.predict`.
@@ -448,10 +462,10 @@ class OnnxRegionSpotPredictor:
         probs = np.zeros((0, len(names)), np.float32)
         if n:
             coords, labels = self._sam_prompts(prompts["boxes"], prompts["points"], prompts["point_labels"])
-            feeds = dict(zip(["image_embeddings", "high_res_feats_0", "high_res_feats_1"], f["sam"]))
-            feeds.update(clip_tokens=f["clip_tokens"], point_coords=coords, point_labels=labels,
-                         text_embeddings=np.ascontiguousarray(text_emb, dtype=np.float32))
-            _, _, probs, low_res = self.sessions["region"].run(None, feeds)
+            tokens, low_res = self.decode(coords, labels)
+            _, probs = self.sessions["region_head"].run(None, {
+                "region_tokens": tokens, "clip_tokens": f["clip_tokens"],
+                "text_embeddings": np.ascontiguousarray(text_emb, dtype=np.float32)})
             if prompts["scores"] is not None:
                 probs = probs * prompts["scores"][:, None]
         topk_scores, topk_classes = top_classes(probs, top_k)
