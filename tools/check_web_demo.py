@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check tools/web_demo.py in a real headless browser, and take the README's screenshot.
+"""Check tools/web_demo.py in a real headless browser, and take the screenshot in docs/DEMOS.md.
 
     python tools/check_web_demo.py --output docs/web_demo.png [--config-file ... --weights ...]
 

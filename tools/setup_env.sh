@@ -2,7 +2,7 @@
 # Create (or reuse) the project's virtualenv in .venv with the pinned stack.
 #
 # Why a script: detectron2 has no usable PyPI distribution for Python 3.11
-# (see the README, "Install"), so a plain `pip install -e .` is not
+# (see docs/INSTALL.md), so a plain `pip install -e .` is not
 # enough on a machine without GitHub access. This script is idempotent: when
 # .venv already imports everything it returns at once.
 set -euo pipefail

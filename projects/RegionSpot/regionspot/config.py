@@ -80,7 +80,7 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.AUTOCAST = ""
     # torch.compile the frozen SAM image encoder, SAM mask decoder and CLIP image tower: "" (off)
     # or a torch.compile mode ("default", "max-autotune", ...). The first batch pays the
-    # compilation (1-2 min cold on a CPU); see README "Speed and memory" for what it buys.
+    # compilation (1-2 min cold on a CPU); see docs/speed.md for what it buys.
     _C.COMPILE = ""
 
     # A checkpoint (MODEL.WEIGHTS) that leaves some head tensors at their random initialisation
