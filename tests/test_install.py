@@ -108,8 +108,8 @@ def test_wheel_ships_configs_and_model_zoo_works_elsewhere(tmp_path):
     assert shipped == source and len(source) > 10
     names = zipfile.ZipFile(wheel).namelist()
     # The open_clip configs of the tiny test models (CLIP.BACKEND open_clip, CLIP.NAME tiny).
-    configs = glob.glob(os.path.join(PACKAGE, "modeling", "open_clip_configs", "*.json"))
-    assert configs and all(f"regionspot/modeling/open_clip_configs/{os.path.basename(p)}" in names for p in configs)
+    configs = glob.glob(os.path.join(PACKAGE, "modeling", "encoders", "open_clip_configs", "*.json"))
+    assert configs and all(f"regionspot/modeling/encoders/open_clip_configs/{os.path.basename(p)}" in names for p in configs)
     target = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
           wheel], cwd=tmp_path)

@@ -20,9 +20,9 @@ from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import extract_tokens
-from regionspot.modeling.sam2_encoder import (SAM2_MODELS, Sam2Features, Sam2RegionEncoder, build_sam2_encoder,
+from regionspot.modeling.encoders.sam2_encoder import (SAM2_MODELS, Sam2Features, Sam2RegionEncoder, build_sam2_encoder,
                                               build_sam2_model)
-from regionspot.modeling.sam_encoder import SAM_TYPES, build_sam_encoder, build_tiny_sam
+from regionspot.modeling.encoders.sam_encoder import SAM_TYPES, build_sam_encoder, build_tiny_sam
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.utils.extras import MissingExtraError
 
@@ -354,7 +354,7 @@ def test_missing_sam2_package_names_the_extra(monkeypatch):
     for name in [m for m in sys.modules if m == "sam2" or m.startswith("sam2.")]:
         monkeypatch.setitem(sys.modules, name, None)  # `import sam2...` now fails
     monkeypatch.setitem(sys.modules, "sam2", None)
-    monkeypatch.delitem(sys.modules, "regionspot.modeling.sam2_encoder")  # imported afresh
+    monkeypatch.delitem(sys.modules, "regionspot.modeling.encoders.sam2_encoder")  # imported afresh
     with pytest.raises(MissingExtraError, match=r"regionspot\[sam2\]") as err:
         build_sam_encoder(tiny_cfg(*SAM2))
     assert "MODEL.REGIONSPOT.SAM.TYPE" in str(err.value)

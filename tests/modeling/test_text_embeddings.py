@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder
 from regionspot.modeling.text_embeddings import (
     IMAGENET_TEMPLATES,
     TEMPLATE_SETS,

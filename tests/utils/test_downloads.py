@@ -15,8 +15,8 @@ import torch
 from detectron2.modeling import build_model
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.modeling.clip_encoder import build_clip
-from regionspot.modeling.sam_encoder import build_sam, build_tiny_sam
+from regionspot.modeling.encoders.clip_encoder import build_clip
+from regionspot.modeling.encoders.sam_encoder import build_sam, build_tiny_sam
 from regionspot.utils.weights import DOWNLOAD_TIMEOUT_ENV, DownloadError, download_timeout
 
 from conftest import tiny_cfg

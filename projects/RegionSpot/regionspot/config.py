@@ -31,7 +31,7 @@ def add_regionspot_config(cfg: CN) -> None:
     # chunks stay in cache: 64 boxes decode 2.2x faster in chunks of 4 than of 64), 64 elsewhere.
     _C.SAM.DECODE_CHUNK = 0
     # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
-    # SAM's relative positions as the additive mask (regionspot/modeling/sam_attention.py): same outputs,
+    # SAM's relative positions as the additive mask (regionspot/modeling/encoders/sam_attention.py): same outputs,
     # 1.27x faster SAM ViT-B encoder on the CPU. SAM (segment_anything) only: the SAM 2 types ignore
     # it (their Hiera encoder already calls the fused attention).
     _C.SAM.FUSED_ATTENTION = True

@@ -15,11 +15,11 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
+from .encoders.clip_encoder import ClipImageTextEncoder, build_clip_encoder
 from ..config import check_regionspot_config
 from .head import RegionSpotHead
-from .region_encoder import RegionEncoderBase
-from .sam_encoder import build_sam_encoder
+from .encoders.region_encoder import RegionEncoderBase
+from .encoders.sam_encoder import build_sam_encoder
 from ..structures import IndexedMasks
 from .text_embeddings import get_templates
 from .vocabulary import Vocabulary, VocabularyLike

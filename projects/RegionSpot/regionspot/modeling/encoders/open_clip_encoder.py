@@ -35,8 +35,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..utils.extras import require_extra
-from ..utils.weights import open_weights, resolve_weights
+from ...utils.extras import require_extra
+from ...utils.weights import open_weights, resolve_weights
 from .clip_encoder import check_resize_mode, squash_to_square
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import check_regionspot_config
-from ..utils.extras import require_extra
+from ...config import check_regionspot_config
+from ...utils.extras import require_extra
 from .region_encoder import RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
 from .sam_encoder import RANDOM_INIT_SEED
 

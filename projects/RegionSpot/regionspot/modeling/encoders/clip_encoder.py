@@ -17,9 +17,9 @@ from clip.model import CLIP
 from clip.model import build_model as build_clip_from_state_dict
 from torch import nn
 
-from ..config import check_regionspot_config
-from ..utils.weights import download, open_weights, resolve_weights
-from .text_embeddings import clip_fingerprint
+from ...config import check_regionspot_config
+from ...utils.weights import download, open_weights, resolve_weights
+from ..text_embeddings import clip_fingerprint
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -21,7 +21,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from ..config import check_regionspot_config
+from ...config import check_regionspot_config
 from .region_encoder import RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
 from .region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: F401  (re-exported: tools/demo.py reads it here)
 from .sam_attention import use_fused_attention

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from detectron2.utils.logger import log_first_n
 from torch import nn
 
-from ..utils.weights import load_weights_file
+from ...utils.weights import load_weights_file
 
 # Why SAM's automatic mask generator may give an image no box at all, and what to change.
 SAM_AUTO_EMPTY_HINT = (
@@ -55,7 +55,7 @@ def boxes_of_mask_records(records: List[Dict], device: torch.device) -> torch.Te
     hint logged once when there are none."""
     if not records:
         log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
-                    name="regionspot.modeling.sam_encoder")
+                    name="regionspot.modeling.encoders.sam_encoder")
     boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=device)
     boxes = boxes.view(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
