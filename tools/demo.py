@@ -36,7 +36,7 @@ from regionspot.data.images import read_image
 from regionspot.data.prompt_files import image_id_of, lookup_prompts, read_box_file, read_image_ids
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.proposals import read_json_proposals
-from regionspot.modeling.encoders.sam_encoder import SAM_AUTO_EMPTY_HINT
+from regionspot.modeling.encoders.region_encoder import SAM_AUTO_EMPTY_HINT
 from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options
 from regionspot.visualization import draw_regions
 

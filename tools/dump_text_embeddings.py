@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from regionspot.modeling.encoders.clip_encoder import build_clip_encoder
+from regionspot.modeling.encoders import build_clip_encoder
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.file_io import check_output_file
 from regionspot.modeling.region_pipeline import frozen_precision

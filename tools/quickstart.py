@@ -29,7 +29,7 @@ from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
 from regionspot.utils.console import ProgressBar
-from regionspot.modeling.encoders.sam_encoder import build_sam_encoder
+from regionspot.modeling.encoders import build_sam_encoder
 from regionspot.data.token_extraction import extract_tokens
 from regionspot.engine.trainer import RegionSpotTrainer
 

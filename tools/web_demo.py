@@ -57,7 +57,7 @@ from regionspot.data.images import read_image  # noqa: E402
 from regionspot.data.prompt_files import image_id_of  # noqa: E402
 from regionspot.data.synthetic import make_synthetic_lvis  # noqa: E402
 from regionspot.evaluation import category_ids, named_results_json  # noqa: E402
-from regionspot.modeling.encoders.sam_encoder import SAM_AUTO_EMPTY_HINT  # noqa: E402
+from regionspot.modeling.encoders.region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: E402
 from regionspot.modeling.text_embeddings import (  # noqa: E402
     BUILTIN_VOCABULARIES, default_cache_dir, read_custom_vocabulary)
 from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options  # noqa: E402

@@ -18,7 +18,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
-from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder, build_clip_encoder
+from regionspot.modeling.encoders import build_clip_encoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder
 from regionspot.modeling.encoders.open_clip_encoder import (
     OpenClipImageTextEncoder,
     build_open_clip,
