@@ -20,6 +20,7 @@ from PIL import Image
 from regionspot.config import get_regionspot_cfg
 from regionspot.data.images import read_image
 from regionspot.data.synthetic import DEFAULT_CLASSES
+from regionspot.demo.results import results_metadata
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.visualization import draw_regions
 
@@ -85,7 +86,7 @@ def expected_picture(rgb, ref, names, texts):
     drawn.pred_classes = torch.tensor([names.index(r[3][0]) for r in ref])
     drawn.pred_masks = torch.stack([r[2] for r in ref])
     points = [p for line in texts.values() for p in web_demo.parse_prompts(line)[0].points]
-    return draw_regions(rgb, drawn, web_demo._metadata(names), region_ids=[r[0] for r in ref],
+    return draw_regions(rgb, drawn, results_metadata(names), region_ids=[r[0] for r in ref],
                         points=np.array([p[:2] for p in points]).reshape(-1, 2),
                         point_labels=np.array([p[2] for p in points])).get_image()
 
