@@ -24,7 +24,7 @@ from regionspot.demo.results import results_metadata
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.visualization import draw_regions
 
-from conftest import QUICKSTART_CONFIG, load_tool
+from conftest import HANG_TIMEOUT_S, QUICKSTART_CONFIG, load_tool
 
 web_demo = load_tool("web_demo")
 
@@ -225,11 +225,11 @@ def test_server_binds_localhost_and_stops(quickstart_head):
     try:
         assert url.startswith("http://127.0.0.1:") and app.server_name == "127.0.0.1"
         assert app.share is False and app.analytics_enabled is False
-        urllib.request.urlopen(url + "config", timeout=10).close()  # answers
+        urllib.request.urlopen(url + "config", timeout=HANG_TIMEOUT_S).close()  # answers
     finally:
         app.close()
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url + "config", timeout=10)  # gone
+        urllib.request.urlopen(url + "config", timeout=HANG_TIMEOUT_S)  # gone
 
 
 def test_missing_checkpoint(quickstart_head, tmp_path, capsys):
