@@ -28,10 +28,10 @@ from typing import Dict, List, Tuple
 # (torch, MKL and oneDNN all on AVX2); top-1 100% and bbox AP 24.3 -> 100.0 in every case. So
 # the quickstart runs on 1 thread (--threads) and, on x86-64, on the AVX2 kernels every such CPU
 # of the last decade has: a fresh machine prints the README's figures. Set these variables
-# yourself to choose other kernels. They must be set before torch loads.
-X86 = platform.machine().lower() in ("x86_64", "amd64")
+# yourself to choose other kernels. They must be set before torch loads (so: when run as a script;
+# a process that imports this module keeps its own).
 KERNEL_SETTINGS = (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"))
-if X86:
+if __name__ == "__main__" and platform.machine().lower() in ("x86_64", "amd64"):
     for _key, _value in KERNEL_SETTINGS:
         os.environ.setdefault(_key, _value)
 
