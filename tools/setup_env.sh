@@ -33,7 +33,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --pro
 # against the torch above (an isolated build would fetch another multi-GB torch).
 SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
 # The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
-"${PIP[@]}" gradio==6.31.0 selenium==4.51.0
+# Pillow pinned too (gradio allows < 13): the quickstart's synthetic images are drawn with it, so its
+# printed figures stay the README's.
+"${PIP[@]}" gradio==6.31.0 selenium==4.51.0 pillow==12.3.0
 # ONNX export and its check (extra deploy), and the faster LVIS/COCO evaluator (extra fasteval).
 "${PIP[@]}" onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 faster-coco-eval==1.8.0
 # Every install that runs pip's resolver is above; only --no-deps installs follow. pip re-checks the
