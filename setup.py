@@ -40,7 +40,7 @@ setup(
     # The configs, the quickstart's tiny pretrained encoders (tools/pretrain_tiny_encoders.py),
     # found through regionspot://pretrained/... from any working directory, and the open_clip
     # configs of the tiny test models (CLIP.BACKEND open_clip, CLIP.NAME tiny).
-    package_data={"regionspot": packaged_configs() + ["pretrained/*.pth.gz", "modeling/open_clip_configs/*.json"]},
+    package_data={"regionspot": packaged_configs() + ["pretrained/*.pth.gz", "modeling/encoders/open_clip_configs/*.json"]},
     # 3.11: the code uses BaseException.add_note.
     python_requires=">=3.11",
     # detectron2 is deliberately not listed: it has no usable PyPI release; install it from source
@@ -72,5 +72,7 @@ setup(
         "web": ["gradio==6.31.0"],
         # tools/export_onnx.py and the onnxruntime predictor (regionspot_deploy, which needs no torch).
         "deploy": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
+        # faster-coco-eval: a faster LVIS / COCO evaluator.
+        "fasteval": ["faster-coco-eval==1.8.0"],
     },
 )

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from detectron2.data import transforms as T
 
 from conftest import tiny_cfg
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder, build_clip
-from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.modeling.encoders import build_sam_encoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder, build_clip
 from regionspot_deploy import preprocess as pp
 
 # Sizes: up- and down-scaling, extreme aspect ratios, one-pixel sides, identity, SAM's 1024 frame.
