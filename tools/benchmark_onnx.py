@@ -22,7 +22,7 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", default="1024x768", help="WxH of the synthetic image")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--interleave", action="store_true",
+                   help="eager and onnxruntime backends take turns per stage and repeat (fair on a shared machine); "
+                        "the compiled backend still runs after them")
     p.add_argument("--device", default="cpu", help="PyTorch's device for the eager and compiled stages")
     p.add_argument("--equality", action="store_true", help="real-size equality of the exported folder instead")
     p.add_argument("--keep", default="", metavar="DIR", help="export into DIR (kept) instead of a temporary folder")
@@ -102,10 +105,14 @@ def make_boxes(n: int, image: np.ndarray, seed: int = 1) -> np.ndarray:
     return np.concatenate([xy, xy + wh], 1).astype(np.float32)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call (CUDA synchronised)."""
+def timed(fn, repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of `repeats` calls after one warm-up call (CUDA synchronised); with no
+    repeats, only the warm-up call."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
+    if warm_up:
+        fn()
+    if not repeats:
+        return 0.0
     times = []
     for _ in range(repeats):
         sync()
@@ -122,38 +129,61 @@ def agreement(p: np.ndarray, q: np.ndarray) -> Dict[str, float]:
             "top1_agreement": float((p.argmax(1) == q.argmax(1)).mean()), "max_abs_diff": float(np.abs(p - q).max())}
 
 
-# ------------------------------------------------------------------ PyTorch stages
-def torch_stages(model, image: np.ndarray, boxes: Dict[int, np.ndarray], prompts: List[str], repeats: int) -> Dict:
+# ------------------------------------------------------------------ stages
+def torch_stages(model, image: np.ndarray, boxes: Dict[int, np.ndarray], prompts: List[str]) -> Dict[str, Callable]:
+    """Stage -> a call running it once on PyTorch (the image already set for the region stages)."""
     predictor = RegionSpotPredictor(model=model, vocabulary="bench", test_augmentations=[])
     pipe = find_pipeline(model)
     x = torch.from_numpy(image.transpose(2, 0, 1).copy()).to(model.device)
-    sam_in, size = pipe.sam_encoder.preprocess(x)
+    sam_in, _ = pipe.sam_encoder.preprocess(x)
     clip_in = pipe.clip_encoder.preprocess(x)[None]
-    out = {}
     with torch.no_grad():
-        out["sam_encoder"] = timed(lambda: pipe.sam_encoder.encode_images(sam_in[None]), repeats)
-        out["clip_tower"] = timed(lambda: pipe.clip_encoder.encode_image_tokens(clip_in), repeats)
         predictor.set_image(image)
-        for n, b in boxes.items():
-            out[f"region_{n}"] = timed(lambda: predictor.predict(boxes=b, return_masks=False), repeats)
-        out["text"] = timed(lambda: pipe.clip_encoder.encode_text(prompts), repeats)
+
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    out = {"sam_encoder": no_grad(lambda: pipe.sam_encoder.encode_images(sam_in[None])),
+           "clip_tower": no_grad(lambda: pipe.clip_encoder.encode_image_tokens(clip_in))}
+    for n, b in boxes.items():
+        out[f"region_{n}"] = no_grad(lambda b=b: predictor.predict(boxes=b, return_masks=False))
+    out["text"] = no_grad(lambda: pipe.clip_encoder.encode_text(prompts))
     return out
 
 
-# ------------------------------------------------------------------ onnxruntime stages
-def ort_stages(onnx: OnnxRegionSpotPredictor, image: np.ndarray, boxes: Dict[int, np.ndarray], prompts: List[str],
-               repeats: int) -> Dict:
+def ort_stages(onnx: OnnxRegionSpotPredictor, image: np.ndarray, boxes: Dict[int, np.ndarray],
+               prompts: List[str]) -> Dict[str, Callable]:
+    """Stage -> a call running it once on onnxruntime (the image already set for the region stages)."""
     m = onnx.manifest
     sam_in, _ = pp.sam_input(image, m["sam"])
     clip_in = pp.clip_input(image, m["clip"])
-    out = {"sam_encoder": timed(lambda: onnx.sessions["sam_image"].run(None, {"image": sam_in}), repeats),
-           "clip_tower": timed(lambda: onnx.sessions["clip_image"].run(None, {"image": clip_in}), repeats)}
     onnx.set_image(image)
+    out = {"sam_encoder": lambda: onnx.sessions["sam_image"].run(None, {"image": sam_in}),
+           "clip_tower": lambda: onnx.sessions["clip_image"].run(None, {"image": clip_in})}
     for n, b in boxes.items():
-        out[f"region_{n}"] = timed(lambda: onnx.predict(boxes=b, return_masks=False), repeats)
+        out[f"region_{n}"] = lambda b=b: onnx.predict(boxes=b, return_masks=False)
     if "text" in onnx.sessions:
-        out["text"] = timed(lambda: onnx.encode_prompts(prompts), repeats)
+        out["text"] = lambda: onnx.encode_prompts(prompts)
     return out
+
+
+def interleaved(runners: Dict[str, Dict[str, Callable]], repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median seconds per (backend, stage), the backends taking turns within each stage and
+    repeat, so a shared machine's changing load slows them alike (one warm-up call each first)."""
+    times: Dict[str, Dict[str, List[float]]] = {b: {} for b in runners}
+    stages = list(dict.fromkeys(st for r in runners.values() for st in r))
+    for stage in stages:
+        here = [b for b in runners if stage in runners[b]]
+        for b in here:
+            timed(runners[b][stage], 0)
+        for _ in range(repeats):
+            for b in here:
+                times[b].setdefault(stage, []).append(timed(runners[b][stage], 1, warm_up=False))
+        print(stage, "  ".join(f"{b} {np.median(times[b][stage]) * 1000:.0f} ms" for b in here), flush=True)
+    return {b: {st: float(np.median(v)) for st, v in t.items()} for b, t in times.items()}
 
 
 def speed(args) -> Dict:
@@ -163,32 +193,38 @@ def speed(args) -> Dict:
     boxes = {n: make_boxes(n, image) for n in args.boxes}
     prompts = [f"a photo of a class {i}." for i in range(args.prompts)]
     results: Dict = {"device": describe(), "model": f"SAM {cfg.MODEL.REGIONSPOT.SAM.TYPE} + CLIP {cfg.MODEL.REGIONSPOT.CLIP.NAME}",
-                     "image": args.image_size, "classes": args.num_classes, "repeats": args.repeats, "seconds": {}}
+                     "image": args.image_size, "classes": args.num_classes, "repeats": args.repeats,
+                     "interleaved": args.interleave, "seconds": {}}
     folder = args.keep or os.path.join(tempfile.mkdtemp(prefix="regionspot-onnx-"), "export")
     if not os.path.isfile(os.path.join(folder, "manifest.json")):  # --keep: export once, reuse later
         t = time.perf_counter()
         export_folder(find_pipeline(model), cfg, folder, quantize_int8=True, vocabulary=(names, text.numpy()))
         results["export_s"] = time.perf_counter() - t
         print(f"exported to {folder} in {results['export_s']:.0f} s", flush=True)
-    if "eager" in args.backends:
-        results["seconds"]["eager"] = torch_stages(model, image, boxes, prompts, args.repeats)
-        print("eager", fmt(results["seconds"]["eager"]), flush=True)
-    probs = {}
-    for backend in ("onnxruntime", "int8"):
-        if backend in args.backends:
-            onnx = OnnxRegionSpotPredictor(folder, int8=backend == "int8")
-            results["seconds"][backend] = ort_stages(onnx, image, boxes, prompts, args.repeats)
-            onnx.set_image(image)
-            probs[backend] = onnx.predict(boxes=boxes[max(boxes)], return_masks=False).class_scores
-            print(backend, fmt(results["seconds"][backend]), flush=True)
-            del onnx
-    if len(probs) == 2:
-        results["int8_agreement"] = agreement(probs["onnxruntime"], probs["int8"])
+    onnx = {b: OnnxRegionSpotPredictor(folder, int8=b == "int8") for b in ("onnxruntime", "int8") if b in args.backends}
+    if len(onnx) == 2:
+        probs = []
+        for p in (onnx["onnxruntime"], onnx["int8"]):
+            p.set_image(image)
+            probs.append(p.predict(boxes=boxes[max(boxes)], return_masks=False).class_scores)
+        results["int8_agreement"] = agreement(*probs)
         print("int8 vs fp32 at", max(boxes), "boxes:", results["int8_agreement"], flush=True)
-    if "compiled" in args.backends:
+    runners = {}
+    if "eager" in args.backends:
+        runners["eager"] = torch_stages(model, image, boxes, prompts)
+    for b, p in onnx.items():
+        runners[b] = ort_stages(p, image, boxes, prompts)
+    if args.interleave:
+        results["seconds"] = interleaved(runners, args.repeats)
+    else:
+        for b, stages in runners.items():
+            results["seconds"][b] = {st: timed(fn, args.repeats) for st, fn in stages.items()}
+            print(b, fmt(results["seconds"][b]), flush=True)
+    if "compiled" in args.backends:  # last: compiling changes the model in place
         pipe = find_pipeline(model)
         compile_frozen(pipe.sam_encoder, pipe.clip_encoder, "default")
-        results["seconds"]["compiled"] = torch_stages(model, image, boxes, prompts, args.repeats)
+        stages = torch_stages(model, image, boxes, prompts)
+        results["seconds"]["compiled"] = {st: timed(fn, args.repeats) for st, fn in stages.items()}
         print("compiled", fmt(results["seconds"]["compiled"]), flush=True)
     return results
 

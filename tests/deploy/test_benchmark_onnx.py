@@ -2,17 +2,21 @@
 is reported, and --equality finds the exported folder equal to the PyTorch predictor."""
 import json
 
+import pytest
+
 from conftest import load_tool
 
 benchmark_onnx = load_tool("benchmark_onnx")
 
 
-def test_speed_reports_every_stage_of_every_backend(tmp_path):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_speed_reports_every_stage_of_every_backend(tmp_path, interleave):
     out = tmp_path / "speed.json"
     assert benchmark_onnx.main(["--tiny", "--backends", "eager", "onnxruntime", "int8", "--repeats", "1",
                                 "--boxes", "3", "12", "--num-classes", "20", "--image-size", "160x120",
-                                "--json", str(out)]) == 0
+                                "--json", str(out)] + ["--interleave"] * interleave) == 0
     r = json.loads(out.read_text())
+    assert r["interleaved"] is interleave
     assert set(r["seconds"]) == {"eager", "onnxruntime", "int8"}
     for stages in r["seconds"].values():
         assert set(stages) == {"sam_encoder", "clip_tower", "region_3", "region_12", "text"}
