@@ -45,7 +45,7 @@ def do_train(args, cfg):
     model = create_ddp_model(model, **cfg.train.ddp)
     encode_training_vocabularies(model, cfg.dataloader.train.names)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = RegionSpotCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = RegionSpotCheckpointer(model, cfg.train.output_dir, trainer=trainer, key="train.init_checkpoint")
     eval_period = cfg.train.eval_period
     best_metric = cfg.train.get("best_metric", "")
     trainer.register_hooks([
@@ -68,7 +68,7 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model)
         model = create_ddp_model(model)
-        RegionSpotCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        RegionSpotCheckpointer(model, save_dir=cfg.train.output_dir, key="train.init_checkpoint").resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     return do_train(args, cfg)

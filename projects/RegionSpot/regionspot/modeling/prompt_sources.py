@@ -12,13 +12,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.registry import Registry
 from torch import nn
 from torchvision.ops import nms
+
+from ..checkpoint import SafeDetectionCheckpointer
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def load_detector(config: str, weights: str = "", opts=(), device: str = "cpu") 
         augs = [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
     model.to(device).eval()
     if weights and weights != "random":
-        DetectionCheckpointer(model).load(weights)
+        # Never plain pickle (model-zoo .pkl files) nor a download without a timeout.
+        SafeDetectionCheckpointer(model, key="MODEL.REGIONSPOT.DETECTOR.WEIGHTS").load(weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, {"format": fmt, "augmentations": augs}
