@@ -274,3 +274,14 @@ def test_safe_detection_checkpointer_reads_a_caffe2_blobs_pickle(tmp_path):
                                "weight_momentum": np.zeros((2, 2), np.float32)}}, f, protocol=2)
     data = SafeDetectionCheckpointer(linear, key="K")._load_file(path)
     assert data["__author__"] == "Caffe2" and sorted(data["model"]) == ["bias", "weight"]
+
+
+def test_open_clip_checkpoint_is_refused_naming_the_class(tmp_path):
+    from regionspot.modeling.open_clip_encoder import build_open_clip
+
+    folder = tmp_path / "ran"
+    path = str(tmp_path / "open_clip.pth")
+    torch.save({**build_open_clip("tiny", seed=5).state_dict(), "extra": MakesFolder(str(folder))}, path)
+    with pytest.raises(UnsafeFileError) as info:
+        build_open_clip("tiny", checkpoint=path, input_size=64)
+    _assert_refused(info, path, folder, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", "['extra']")
