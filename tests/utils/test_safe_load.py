@@ -285,3 +285,13 @@ def test_open_clip_checkpoint_is_refused_naming_the_class(tmp_path):
     with pytest.raises(UnsafeFileError) as info:
         build_open_clip("tiny", checkpoint=path, input_size=64)
     _assert_refused(info, path, folder, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", "['extra']")
+
+
+def test_torchscript_as_sam_checkpoint_is_refused(tmp_path):
+    from regionspot.modeling.sam_encoder import build_sam
+
+    path = str(tmp_path / "sam_scripted.pth")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(UnsafeFileError, match="TorchScript archive") as info:
+        build_sam("tiny", path)
+    assert path in str(info.value) and "MODEL.REGIONSPOT.SAM.CHECKPOINT" in str(info.value)

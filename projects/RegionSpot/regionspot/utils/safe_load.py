@@ -156,9 +156,14 @@ def _refusal(name: str, key: str, wanted: str, where: str) -> UnsafeFileError:
     )
 
 
-def _restricted_load(f: BinaryIO, encoding: str) -> Tuple[Any, RestrictedUnpickler]:
-    unpickler = RestrictedUnpickler(f, encoding=encoding)
-    return unpickler.load(), unpickler
+def _torchscript_refusal(name: str, key: str, which: str = "") -> UnsafeFileError:
+    of = f" ({key})" if key else ""
+    return UnsafeFileError(
+        f"Refused to load {name}{of}: it is a TorchScript archive (code as well as weights){' ' + which if which else ''}, "
+        f"and loading it would run its code. Save its state dict on a trusted machine "
+        f"(torch.save(torch.jit.load(f).state_dict(), 'weights.pth')) and use that file, or set {TRUST_ENV}=1 if you "
+        f"trust where it came from (a hostile file can then run any code)."
+    )
 
 
 def pickle_load(source: Source, name: str = "", key: str = "", encoding: str = "latin1",
@@ -250,16 +255,16 @@ def torch_load(source: Source, name: str = "", key: str = "") -> Any:
     except pickle.UnpicklingError as e:
         message = str(e)
         if "TorchScript" in message:
-            raise _refusal(name, key, "TorchScript code (a torch.jit archive)", "") from None
+            raise _torchscript_refusal(name, key) from e
         match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"Unsupported class ([\w.]+)", message)
         located = _locate_in_torch_file(source)
         if located is None and match is None:
             raise
         where, wanted = located if located else ("", match.group(1))
-        raise _refusal(name, key, wanted, where) from None
+        raise _refusal(name, key, wanted, where) from e
     except RuntimeError as e:
         if "TorchScript" in str(e):
-            raise _refusal(name, key, "TorchScript code (a torch.jit archive)", "") from None
+            raise _torchscript_refusal(name, key) from e
         raise
 
 
@@ -293,10 +298,4 @@ def check_torchscript(source: Source, name: str, key: str, official_sha256: Set[
         source.seek(position)
     if digest.hexdigest() in official_sha256:
         return
-    of = f" ({key})" if key else ""
-    raise UnsafeFileError(
-        f"Refused to load {name}{of}: it is a TorchScript archive (code as well as weights) that is not one of "
-        f"the released files whose SHA256 checksums are known, and loading it would run its code. Save its "
-        f"state dict on a trusted machine (torch.save(torch.jit.load(f).state_dict(), 'weights.pth')) and use "
-        f"that file, or set {TRUST_ENV}=1 if you trust where it came from (a hostile file can then run any code)."
-    )
+    raise _torchscript_refusal(name, key, "that is not one of the released files whose SHA256 checksums are known")
