@@ -75,14 +75,16 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     Args:
         key: the config key that named the file, used in every error (e.g. MODEL.WEIGHTS,
             MODEL.REGIONSPOT.HEAD_WEIGHTS, train.init_checkpoint).
+        what: what the file is, for download messages.
     """
 
-    def __init__(self, model, save_dir: str = "", *, key: str = "MODEL.WEIGHTS", **kwargs):
+    def __init__(self, model, save_dir: str = "", *, key: str = "MODEL.WEIGHTS", what: str = "checkpoint",
+                 **kwargs):
         super().__init__(model, save_dir, **kwargs)
-        self.key = key
+        self.key, self.what = key, what
 
     def load(self, path: str, *args, **kwargs):
-        return super().load(local_checkpoint(path, self.key) if path else path, *args, **kwargs)
+        return super().load(local_checkpoint(path, self.key, self.what) if path else path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):

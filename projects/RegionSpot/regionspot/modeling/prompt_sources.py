@@ -142,7 +142,7 @@ def load_detector(config: str, weights: str = "", opts=(), device: str = "cpu") 
     model.to(device).eval()
     if weights and weights != "random":
         # Never plain pickle (model-zoo .pkl files) nor a download without a timeout.
-        SafeDetectionCheckpointer(model, key="MODEL.REGIONSPOT.DETECTOR.WEIGHTS").load(weights)
+        SafeDetectionCheckpointer(model, key="MODEL.REGIONSPOT.DETECTOR.WEIGHTS", what="detector weights").load(weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, {"format": fmt, "augmentations": augs}
