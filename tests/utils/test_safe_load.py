@@ -295,3 +295,18 @@ def test_torchscript_as_sam_checkpoint_is_refused(tmp_path):
     with pytest.raises(UnsafeFileError, match="TorchScript archive") as info:
         build_sam("tiny", path)
     assert path in str(info.value) and "MODEL.REGIONSPOT.SAM.CHECKPOINT" in str(info.value)
+
+
+def test_a_checkpoint_our_trainer_writes_loads_and_resumes(tmp_path, synthetic_val):
+    """Model, optimizer (AdamW state), scheduler and iteration: all within the weights-only types."""
+    out = str(tmp_path / "out")
+    common = ["--config-file", TINY_CONFIG, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out,
+              "DATASETS.TRAIN", f'("{synthetic_val}",)', "DATASETS.TEST", "()", "MODEL.REGIONSPOT.TOKEN_MODE", "online",
+              "SOLVER.IMS_PER_BATCH", "2", "SOLVER.CHECKPOINT_PERIOD", "1", "TEST.EVAL_PERIOD", "0",
+              "INPUT.MIN_SIZE_TRAIN", "(192,)", "INPUT.MAX_SIZE_TRAIN", "256"]
+    train_net.main(default_argument_parser().parse_args([*common, "SOLVER.MAX_ITER", "2"]))
+    ckpt = torch_load(os.path.join(out, "model_final.pth"))
+    assert ckpt["trainer"]["iteration"] == 1 and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
+    assert ckpt["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
+    train_net.main(default_argument_parser().parse_args(["--resume", *common, "SOLVER.MAX_ITER", "3"]))
+    assert torch_load(os.path.join(out, "model_final.pth"))["trainer"]["iteration"] == 2  # it resumed at 2
