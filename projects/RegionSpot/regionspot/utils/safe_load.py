@@ -268,14 +268,6 @@ def torch_load(source: Source, name: str = "", key: str = "") -> Any:
         raise
 
 
-def load_file(source: Source, name: str = "", key: str = "") -> Any:
-    """A `.pkl` file through `pickle_load`, anything else through `torch_load`."""
-    path = source if isinstance(source, str) else (name or getattr(source, "name", ""))
-    if str(path).endswith(".pkl"):
-        return pickle_load(source, name, key)
-    return torch_load(source, name, key)
-
-
 def check_torchscript(source: Source, name: str, key: str, official_sha256: Set[str]) -> None:
     """Allow `torch.jit.load` of a TorchScript archive only when it is a known official release.
 
