@@ -8,7 +8,7 @@ from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
 import train_net
-from regionspot.engine.lazy_engine import check_overrides
+from regionspot.utils.lazy_overrides import check_overrides
 
 from conftest import CONFIG_DIR
 
@@ -43,3 +43,14 @@ def test_valid_overrides_pass():
     check_overrides(cfg, ["train.max_iter=20", "optimizer.lr=1", "model.clip.input_size=128",
                           "dataloader.test.mapper.precomputed_proposal_topk=1000", "+train.note=mine",
                           "model.prompt_source._target_=regionspot.modeling.prompt_sources.ProposalBoxes"])
+
+
+def test_detector_lazy_config_overrides_are_checked_too():
+    """A LazyConfig detector (MODEL.REGIONSPOT.DETECTOR.CONFIG_FILE *.py) takes DETECTOR.OPTS the same way."""
+    from regionspot.modeling.prompt_sources import load_detector
+
+    with pytest.raises(ValueError) as info:
+        load_detector("COCO-Detection/fcos_R_50_FPN_1x.py", "random", ["model.num_classez=3"])
+    message = str(info.value)
+    assert "unknown key 'model.num_classez'" in message and "model.num_classes" in message
+    assert "MODEL.REGIONSPOT.DETECTOR.OPTS" in message

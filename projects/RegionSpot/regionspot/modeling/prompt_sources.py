@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.ops import nms
 
 from ..checkpoint import SafeDetectionCheckpointer
+from ..utils.lazy_overrides import check_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ def load_detector(config: str, weights: str = "", opts=(), device: str = "cpu") 
         if not weights:
             weights = model_zoo.get_checkpoint_url(config)
     if path.endswith(".py"):
-        lazy = LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+        lazy = LazyConfig.load(path)
+        check_overrides(lazy, list(opts), f"{path} (MODEL.REGIONSPOT.DETECTOR.OPTS)")
+        lazy = LazyConfig.apply_overrides(lazy, list(opts))
         model = instantiate(lazy.model)
         fmt = lazy.model.get("input_format", "BGR")
         try:
