@@ -310,3 +310,19 @@ def test_a_checkpoint_our_trainer_writes_loads_and_resumes(tmp_path, synthetic_v
     assert ckpt["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 2
     train_net.main(default_argument_parser().parse_args(["--resume", *common, "SOLVER.MAX_ITER", "3"]))
     assert torch_load(os.path.join(out, "model_final.pth"))["trainer"]["iteration"] == 2  # it resumed at 2
+
+
+def test_text_embedding_and_token_cache_files_are_refused(tmp_path):
+    from regionspot.data.token_cache import load_tokens
+
+    folder = tmp_path / "ran"
+    emb = str(tmp_path / "vocab.pth")
+    torch.save({"format": "x", "embeddings": torch.zeros(1, 4), "names": ["a"], "x": MakesFolder(str(folder))}, emb)
+    with pytest.raises(UnsafeFileError) as info:
+        RegionSpotPredictor(tiny_cfg()).vocabulary_embeddings(emb)
+    _assert_refused(info, emb, folder, where="['x']")
+    tokens = str(tmp_path / "1.pth")
+    torch.save({"format": "x", "tokens": torch.zeros(1, 4), "x": MakesFolder(str(folder))}, tokens)
+    with pytest.raises(UnsafeFileError) as info:
+        load_tokens(tokens, 1)
+    _assert_refused(info, tokens, folder, where="['x']")
