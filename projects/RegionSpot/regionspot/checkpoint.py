@@ -147,7 +147,7 @@ class RegionSpotCheckpointer(SafeDetectionCheckpointer):
     def load(self, path: str, *args, **kwargs):
         if path:  # URLs downloaded once, with a timeout and an error naming the fix
             path = local_checkpoint(path, self.key, "RegionSpot checkpoint")
-        if path and not os.path.isfile(urlparse(path).path if "?" in path else path):
+        if path and "://" not in path and not os.path.isfile(urlparse(path).path if "?" in path else path):
             raise FileNotFoundError(f"Checkpoint file not found ({self.key}): {path}")
         self._loading = path
         try:
