@@ -10,7 +10,7 @@ import clip
 import pytest
 import torch
 
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder, build_clip
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder, build_clip
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.modeling.text_embeddings import load_embedding_file
 from conftest import ROOT, TINY_CONFIG, tiny_cfg
