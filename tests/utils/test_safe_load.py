@@ -20,7 +20,7 @@ from detectron2.modeling import build_model
 
 import train_net
 from regionspot.checkpoint import SafeDetectionCheckpointer
-from regionspot.modeling.clip_encoder import build_clip
+from regionspot.modeling.encoders.clip_encoder import build_clip
 from regionspot.modeling.prompt_sources import load_detector
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.utils.safe_load import TRUST_ENV, UnsafeFileError, pickle_load, torch_load
@@ -277,7 +277,7 @@ def test_safe_detection_checkpointer_reads_a_caffe2_blobs_pickle(tmp_path):
 
 
 def test_open_clip_checkpoint_is_refused_naming_the_class(tmp_path):
-    from regionspot.modeling.open_clip_encoder import build_open_clip
+    from regionspot.modeling.encoders.open_clip_encoder import build_open_clip
 
     folder = tmp_path / "ran"
     path = str(tmp_path / "open_clip.pth")
@@ -288,7 +288,7 @@ def test_open_clip_checkpoint_is_refused_naming_the_class(tmp_path):
 
 
 def test_torchscript_as_sam_checkpoint_is_refused(tmp_path):
-    from regionspot.modeling.sam_encoder import build_sam
+    from regionspot.modeling.encoders.sam_encoder import build_sam
 
     path = str(tmp_path / "sam_scripted.pth")
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
