@@ -7,12 +7,15 @@ inside one only after symbolic links and `..` are resolved, so a link in an allo
 points elsewhere is not a way out. Files a visitor brings are uploads, never paths.
 """
 import ipaddress
+import logging
 import os
 from typing import Any, Iterable, List, Sequence
 
 import yaml
 
 from .weights import is_url
+
+logger = logging.getLogger(__name__)
 
 
 class PathNotAllowed(PermissionError):
@@ -74,11 +77,15 @@ class AllowedPaths:
         if self.allows(path):
             return path
         who = client_host(request)
-        where = (f"under the folders the server allows ({', '.join(self.folders)})" if self.folders
-                 else "at all: the server was started without --allow-paths")
+        # The visitor is not told which folders are allowed (the server's layout is none of its
+        # business); the operator's log says.
+        logger.warning(f"Refused {what} {path!r} asked by {who or 'a visitor'}: allowed folders "
+                       f"{self.folders or 'none (no --allow-paths)'}.")
+        where = "outside the folders the operator allowed" if self.folders else \
+            "at all: the server was started without --allow-paths"
         raise PathNotAllowed(
             f"{what} {path!r}{f' (asked by {who})' if who else ''}: this server opens no server file that a visitor "
-            f"names, except {where}. Upload files through the page instead, or ask the operator to start it with "
+            f"names {where}. Upload files through the page instead, or ask the operator to start it with "
             "--allow-paths FOLDER.")
 
     def check_overrides(self, opts: Sequence[str], request: Any = None) -> None:
