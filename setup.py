@@ -70,5 +70,7 @@ setup(
         "open_clip": ["open-clip-torch==3.3.0"],
         # tools/web_demo.py; gradio pins its own client (gradio-client==2.7.2, the tests' API driver).
         "web": ["gradio==6.31.0"],
+        # The fast C++ evaluation engine (regionspot/fast_eval.py); without it lvis/pycocotools run.
+        "fasteval": ["faster-coco-eval==1.8.0"],
     },
 )

@@ -46,6 +46,8 @@ fi
 SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
 # The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
 "${PIP[@]}" gradio==6.31.0 selenium==4.51.0
+# The fast evaluation engine (extra fasteval).
+"${PIP[@]}" faster-coco-eval==1.8.0
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2
