@@ -67,7 +67,8 @@ def _run(gt, dets, lvis_style, **kw):
 @pytest.mark.parametrize("dets_per_chunk", [1, 2_000, 10**9])  # one bucket a chunk, several, all at once
 def test_lvis_figures_equal_the_lvis_packages(lvis_set, engine, dets_per_chunk):
     gt, dets, expected = lvis_set
-    out = _run(gt, dets, True, max_dets=40, engine=engine, dets_per_chunk=dets_per_chunk)
+    out = _run(gt, dets, True, max_dets=40, engine=engine, dets_per_chunk=dets_per_chunk,
+               pairs_per_chunk=0 if dets_per_chunk > 2_000 else 5_000)
     for task in ("bbox", "segm"):
         got = {m: out[task].results[m] * 100 for m in LVIS_METRICS}
         assert all(abs(got[m] - expected[task][m]) < 1e-6 for m in LVIS_METRICS), (task, got, expected[task])
@@ -90,9 +91,12 @@ def test_coco_stats_equal_pycocotools(coco_set, engine, dets_per_chunk):
 def test_chunks_hold_at_most_the_budget_unless_one_bucket_is_larger(tmp_path):
     b = fast_eval.Buckets(str(tmp_path), 50, per_bucket=8)  # 7 buckets
     b.counts = [5, 5, 20, 1, 1, 1, 0]
+    b.images = [{1}, {2}, {1, 3}, {4}, {4}, {5}, set()]
     chunks = b.chunks(10)
-    assert [c for chunk in chunks for c in chunk] == list(range(7))  # every bucket once, in order
-    assert chunks == [[0, 1], [2], [3, 4, 5, 6]]
+    assert [c for chunk, _ in chunks for c in chunk] == list(range(7))  # every bucket once, in order
+    assert chunks == [([0, 1], [1, 2]), ([2], [1, 3]), ([3, 4, 5, 6], [4, 5])]
+    # At most 16 (image, category) pairs: 2 images x 8 categories, then 1 x 16 (two buckets).
+    assert [c for c, _ in b.chunks(100, pairs_per_chunk=16)] == [[0], [1], [2], [3, 4], [5, 6]]
 
 
 def test_the_per_image_cut_is_the_lvis_packages():

@@ -29,6 +29,10 @@ SHARD = re.compile(r"^rank(\d+)-part(\d+)\.jsonl$")
 RUN_FILE = "run.json"
 _PREFIX = '{"image_id":'
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+try:  # orjson (installed with the web demo) parses shards ~3x faster; json gives the same values
+    from orjson import loads as _loads
+except ImportError:
+    _loads = json.loads
 
 
 def results_folder(output_folder: str) -> str:
@@ -173,7 +177,7 @@ def write_results_json(lines: Iterator[Tuple[int, str]], path: str) -> Iterator[
 def parse_lines(lines: Iterator[Tuple[int, str]]) -> Iterator[List[Dict]]:
     """Each image's records."""
     for _, line in lines:
-        yield json.loads(line)["instances"]
+        yield _loads(line)["instances"]
 
 
 def first_records(folder: str) -> Optional[List[Dict]]:

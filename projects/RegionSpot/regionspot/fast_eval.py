@@ -36,7 +36,9 @@ ENGINES = ("auto", "faster_coco_eval", "reference")
 # Detections (after the per-image cut and LVIS's filter) evaluated together at most, unless one
 # bucket alone has more: about 2 GB with faster-coco-eval on masks (~6 KB a detection).
 DEFAULT_DETS_PER_CHUNK = 300_000
-CATEGORIES_PER_BUCKET = 8
+# (image, category) pairs evaluated together at most: the engines loop over every pair.
+DEFAULT_PAIRS_PER_CHUNK = 20_000
+CATEGORIES_PER_BUCKET = 4
 
 
 def faster_coco_eval_available() -> bool:
@@ -90,17 +92,18 @@ class GroundTruth:
             self.pos_cats[ann["image_id"]].add(ann["category_id"])
         self.has_annotations = bool(data.get("annotations"))
         self.image_ids = sorted(img["id"] for img in self.images)
+        self._image_by_id = {img["id"]: img for img in self.images}
         self.neg_cats = {img["id"]: set(img.get("neg_category_ids", ())) for img in self.images}
 
-    def chunk_dataset(self, cat_ids: Sequence[int]) -> dict:
-        """The ground truth of these categories, as a dataset dict (annotations copied: the
-        engines add fields to them)."""
-        wanted = set(cat_ids)
+    def chunk_dataset(self, cat_ids: Sequence[int], img_ids: Sequence[int]) -> dict:
+        """The ground truth of these categories on these images, as a dataset dict (annotations
+        copied: the engines add fields to them)."""
+        wanted, images = set(cat_ids), set(img_ids)
         return {
             "info": self.info,
-            "images": self.images,
+            "images": [self._image_by_id[i] for i in img_ids],
             "categories": [c for c in self.categories if c["id"] in wanted],
-            "annotations": [dict(a) for c in cat_ids for a in self.anns_by_cat.get(c, ())],
+            "annotations": [dict(a) for c in cat_ids for a in self.anns_by_cat.get(c, ()) if a["image_id"] in images],
         }
 
 
@@ -113,25 +116,30 @@ def cut_per_image(records: List[dict], max_dets: int) -> List[dict]:
 
 
 class Buckets:
-    """Detections on disk, one JSON-lines file per range of `CATEGORIES_PER_BUCKET` categories,
-    in the order they came (which keeps every (image, category) list in its original order)."""
+    """Detections on disk, one file per range of `CATEGORIES_PER_BUCKET` categories, one line per
+    detection in the order they came (which keeps every (image, category) list in its order).
+    A line is ``image_id TAB category_id TAB score TAB x,y,w,h TAB segmentation`` (floats as
+    `repr`, which round-trips exactly; segmentation ``R<h>,<w>,<counts>`` for a compressed RLE,
+    else ``J<json>``): a fraction of JSON's cost to write and read."""
 
     def __init__(self, folder: str, num_categories: int, per_bucket: int = CATEGORIES_PER_BUCKET):
         self.folder = folder
         self.per_bucket = per_bucket
         self.num = (num_categories + per_bucket - 1) // per_bucket
         self.counts = [0] * self.num
+        self.images = [set() for _ in range(self.num)]  # the images with detections in each bucket
         self._files = [None] * self.num
 
     def path(self, b: int) -> str:
-        return os.path.join(self.folder, f"bucket{b:05d}.jsonl")
+        return os.path.join(self.folder, f"bucket{b:05d}.tsv")
 
-    def add(self, bucket: int, line: str) -> None:
+    def add(self, bucket: int, image_id: int, line: str) -> None:
         f = self._files[bucket]
         if f is None:
             f = self._files[bucket] = open(self.path(bucket), "a", buffering=1 << 16)
         f.write(line)
         self.counts[bucket] += 1
+        self.images[bucket].add(image_id)
 
     def close(self) -> None:
         for f in self._files:
@@ -139,24 +147,68 @@ class Buckets:
                 f.close()
         self._files = [None] * self.num
 
-    def read(self, bucket: int) -> List[dict]:
+    def read(self, bucket: int) -> List[str]:
         if not self.counts[bucket]:
             return []
         with open(self.path(bucket)) as f:
-            return [json.loads(line) for line in f]
+            return f.readlines()
 
-    def chunks(self, dets_per_chunk: int) -> List[List[int]]:
-        """Consecutive buckets grouped to at most `dets_per_chunk` detections (or one bucket)."""
-        chunks, current, n = [], [], 0
+    def chunks(self, dets_per_chunk: int, gt: Optional["GroundTruth"] = None,
+               pairs_per_chunk: int = 0) -> List[Tuple[List[int], List[int]]]:
+        """Consecutive buckets grouped to at most `dets_per_chunk` detections and (with `gt`) at
+        most `pairs_per_chunk` (image, category) pairs, or one bucket: [(buckets, image ids)].
+        A chunk's images are those with detections or ground truth of its categories: a pair
+        with neither counts in no figure, and every engine loops over all the pairs it is given."""
+        chunks, current, n, images = [], [], 0, set()
         for b in range(self.num):
-            if current and n + self.counts[b] > dets_per_chunk:
-                chunks.append(current)
-                current, n = [], 0
+            mine = set(self.images[b])
+            if gt is not None:
+                for c in gt.cat_ids[b * self.per_bucket: (b + 1) * self.per_bucket]:
+                    mine.update(a["image_id"] for a in gt.anns_by_cat.get(c, ()))
+            pairs = len(images | mine) * (len(current) + 1) * self.per_bucket
+            too_many_pairs = bool(pairs_per_chunk) and pairs > pairs_per_chunk
+            if current and (n + self.counts[b] > dets_per_chunk or too_many_pairs):
+                chunks.append((current, sorted(images)))
+                current, n, images = [], 0, set()
             current.append(b)
             n += self.counts[b]
+            images |= mine
         if current:
-            chunks.append(current)
+            chunks.append((current, sorted(images)))
         return chunks
+
+
+def _encode(r: dict) -> str:
+    seg = r.get("segmentation")
+    if seg is None:
+        s = ""
+    elif isinstance(seg, dict) and isinstance(seg.get("counts"), str):
+        s = f"R{seg['size'][0]},{seg['size'][1]},{seg['counts']}"
+    else:
+        s = "J" + json.dumps(seg)
+    box = r.get("bbox")
+    b = "" if box is None else ",".join(repr(float(v)) for v in box)
+    return f"{r['image_id']}\t{r['category_id']}\t{float(r['score'])!r}\t{b}\t{s}\n"
+
+
+def _decode(line: str, task: str) -> dict:
+    """A bucket line as the record one task evaluates: segm without the box (its area is then the
+    mask's, as detectron2 has it), bbox without the mask."""
+    image_id, cat, score, box, seg = line.rstrip("\n").split("\t")
+    d = {"image_id": int(image_id), "category_id": int(cat), "score": float(score)}
+    if task == "bbox":
+        if not box:
+            raise KeyError(f"A detection of image {image_id} has no 'bbox' to evaluate.")
+        d["bbox"] = [float(v) for v in box.split(",")]
+    else:
+        if not seg:
+            raise KeyError(f"A detection of image {image_id} has no 'segmentation' to evaluate masks.")
+        if seg[0] == "R":
+            h, w, counts = seg[1:].split(",", 2)
+            d["segmentation"] = {"size": [int(h), int(w)], "counts": counts}
+        else:
+            d["segmentation"] = json.loads(seg[1:])
+    return d
 
 
 def bucket_detections(gt: GroundTruth, images: Iterable[List[dict]], buckets: Buckets, *, max_dets: int,
@@ -165,8 +217,7 @@ def bucket_detections(gt: GroundTruth, images: Iterable[List[dict]], buckets: Bu
     unverified classes dropped; returns how many records were read."""
     known = set(gt.image_ids) if img_ids is None else set(img_ids)
     seen = 0
-    keep = ("image_id", "category_id", "bbox", "score", "segmentation")
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    per_bucket = buckets.per_bucket
     for records in images:
         if not records:
             continue
@@ -187,18 +238,32 @@ def bucket_detections(gt: GroundTruth, images: Iterable[List[dict]], buckets: Bu
                                f"truth {gt.source} does not have.")
             if gt.lvis_style and c not in verified:
                 continue
-            buckets.add(index // buckets.per_bucket, dumps({k: r[k] for k in keep if k in r}) + "\n")
+            buckets.add(index // per_bucket, image_id, _encode(r))
     buckets.close()
     return seen
 
 
 # ------------------------------------------------------------------------------ chunk engines
-def _task_dets(dets: List[dict], task: str) -> List[dict]:
-    """Fresh dicts for one task (the engines add fields); segm drops the box so that the area is
-    the mask's, as detectron2 does."""
-    if task == "segm":
-        return [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
-    return [{k: v for k, v in d.items() if k != "segmentation"} for d in dets]
+def _faster_results(coco_gt, dets: List[dict], task: str):
+    """faster-coco-eval's `COCO.loadRes(dets)`, with the area and box of the masks computed by its
+    mask module in one call each instead of one call per detection."""
+    from faster_coco_eval import COCO
+    from faster_coco_eval.core import mask as mask_utils
+
+    if task == "segm" and dets:
+        segs = [d["segmentation"] for d in dets]
+        areas, boxes = mask_utils.area(segs), mask_utils.toBbox(segs)
+        for i, d in enumerate(dets):
+            d["area"], d["bbox"], d["id"], d["iscrowd"] = areas[i], boxes[i], i + 1, 0
+    else:
+        for i, d in enumerate(dets):
+            bb = d["bbox"]
+            d["area"], d["id"], d["iscrowd"] = bb[2] * bb[3], i + 1, 0
+    res = COCO(print_function=coco_gt.print_function)
+    res.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                   "annotations": dets}
+    res.createIndex()
+    return res
 
 
 def _eval_chunk_faster(gt_chunk: dict, dets: List[dict], task: str, lvis_style: bool, max_dets: int,
@@ -207,8 +272,8 @@ def _eval_chunk_faster(gt_chunk: dict, dets: List[dict], task: str, lvis_style: 
 
     quiet = lambda *a, **k: None  # noqa: E731
     coco_gt = COCO(gt_chunk, print_function=quiet)
-    coco_dt = coco_gt.loadRes(dets)
-    ev = COCOeval_faster(coco_gt, coco_dt, task, lvis_style=lvis_style, print_function=quiet)
+    ev = COCOeval_faster(coco_gt, _faster_results(coco_gt, dets, task), task, lvis_style=lvis_style,
+                         print_function=quiet)
     ev.params.catIds = [c["id"] for c in gt_chunk["categories"]]
     ev.params.imgIds = list(img_ids)
     ev.params.maxDets = [max_dets] if lvis_style else [1, 10, max_dets]
@@ -280,8 +345,9 @@ def _no_detections(gt_chunk, cat_ids, img_ids, task, lvis_style):
 
 def evaluate_chunk(gt_chunk: dict, dets: List[dict], task: str, *, lvis_style: bool, max_dets: int,
                    img_ids: Sequence[int], engine: str) -> Tuple[np.ndarray, np.ndarray]:
-    """precision (T, R, K, A, M) and recall (T, K, A, M) of one chunk of categories."""
-    dets = _task_dets(dets, task)
+    """precision (T, R, K, A, M) and recall (T, K, A, M) of one chunk of categories, from its
+    bucket lines `dets`."""
+    dets = [_decode(line, task) for line in dets]
     if engine == "faster_coco_eval":
         return _eval_chunk_faster(gt_chunk, dets, task, lvis_style, max_dets, img_ids)
     if lvis_style:
@@ -326,7 +392,8 @@ def coco_summary(gt: GroundTruth, precision: np.ndarray, recall: np.ndarray, tas
 # ------------------------------------------------------------------------------ the whole
 def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Sequence[str], *, max_dets: int = 300,
                      engine: str = "auto", dets_per_chunk: int = DEFAULT_DETS_PER_CHUNK,
-                     img_ids: Optional[Sequence[int]] = None, work_dir: Optional[str] = None) -> Dict[str, object]:
+                     pairs_per_chunk: int = DEFAULT_PAIRS_PER_CHUNK, img_ids: Optional[Sequence[int]] = None,
+                     work_dir: Optional[str] = None) -> Dict[str, object]:
     """Evaluate a stream of per-image record lists (COCO result format, dataset category ids)
     against `gt`, chunk by chunk of categories.
 
@@ -345,19 +412,23 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
         logger.info(f"Evaluating {read} detections ({kept} that count) with {engine}, by chunks of at most "
                     f"{dets_per_chunk} detections; bucketed in {time.perf_counter() - start:.1f} s.")
         arrays = {t: ([], []) for t in tasks}
-        chunks = buckets.chunks(dets_per_chunk)
-        for i, chunk in enumerate(chunks):
+        chunks = buckets.chunks(dets_per_chunk, gt, pairs_per_chunk)
+        if img_ids != gt.image_ids:
+            wanted = set(img_ids)
+            chunks = [(b, [i for i in ims if i in wanted]) for b, ims in chunks]
+        for i, (chunk, chunk_images) in enumerate(chunks):
             lo, hi = chunk[0] * buckets.per_bucket, min((chunk[-1] + 1) * buckets.per_bucket, len(gt.cat_ids))
-            gt_chunk = gt.chunk_dataset(gt.cat_ids[lo:hi])
-            dets = [d for b in chunk for d in buckets.read(b)]
+            gt_chunk = gt.chunk_dataset(gt.cat_ids[lo:hi], chunk_images)
+            lines = [line for b in chunk for line in buckets.read(b)]
             for task in tasks:
-                p, r = evaluate_chunk(gt_chunk, dets, task, lvis_style=gt.lvis_style, max_dets=max_dets,
-                                      img_ids=img_ids, engine=engine)
+                p, r = evaluate_chunk(gt_chunk, lines, task, lvis_style=gt.lvis_style, max_dets=max_dets,
+                                      img_ids=chunk_images, engine=engine)
                 arrays[task][0].append(p)
                 arrays[task][1].append(r)
-            del dets, gt_chunk
-            logger.info(f"Evaluated categories {lo + 1}-{hi} of {len(gt.cat_ids)} (chunk {i + 1}/{len(chunks)}, "
-                        f"{time.perf_counter() - start:.1f} s).")
+            del lines, gt_chunk
+            if (i + 1) % 25 == 0 or i + 1 == len(chunks):
+                logger.info(f"Evaluated categories 1-{hi} of {len(gt.cat_ids)} (chunk {i + 1}/{len(chunks)}, "
+                            f"{time.perf_counter() - start:.1f} s).")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     out = {}
