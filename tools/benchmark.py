@@ -575,7 +575,9 @@ def make_lvis_eval_set(args) -> str:
     print(f"Making a synthetic LVIS-like set of {n} images, {args.lvis_eval_dets} detections each, in {folder} "
           "(once) ...", flush=True)
     os.makedirs(folder, exist_ok=True)
-    gt, detections = make_set(n, dets_per_image=args.lvis_eval_dets, verified_fraction=args.lvis_eval_verified)
+    # Several classes per box, sharing its mask, as RegionSpot's top-300 (box, class) pairs do.
+    gt, detections = make_set(n, dets_per_image=args.lvis_eval_dets, boxes_per_image=max(1, args.lvis_eval_dets // 3),
+                              verified_fraction=args.lvis_eval_verified)
     with open(os.path.join(folder, "gt.json"), "w") as f:
         json.dump(gt, f)
     writer = ShardWriter(results_folder(os.path.join(folder, "full")), 0, images_per_shard=500,
