@@ -57,7 +57,7 @@ def _results(out, dataset):
 
 
 def _key(d):
-    return d["image_id"], d["category_id"], tuple(np.round(d["bbox"], 3)), round(d["score"], 6)
+    return d["image_id"], d["category_id"], tuple(np.round(d["bbox"], 3)), round(d["score"], 4)  # batches: ~1e-6
 
 
 @pytest.fixture
@@ -119,7 +119,9 @@ def test_resume_after_a_kill_runs_only_the_missing_images(synthetic_val, full_ru
     assert [n for n in os.listdir(folder) if n.endswith(".tmp")]  # the open shard, never renamed
 
     count_images.fail_after, count_images.seen[:] = None, []
-    res = _eval(synthetic_val, tmp_path, *opts, resume=True)
+    # How it runs may change (shard size, batch): the detections do not.
+    res = _eval(synthetic_val, tmp_path, "MODEL.REGIONSPOT.EVAL.IMAGES_PER_SHARD", "2",
+                "MODEL.REGIONSPOT.TEST_IMS_PER_BATCH", "2", resume=True)
     assert len(count_images.seen) == 3  # images 4-6 only: the loader never gave the model the others
     _, full = full_run
     for task in ("bbox", "segm"):

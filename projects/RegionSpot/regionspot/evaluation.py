@@ -276,12 +276,15 @@ class RegionSpotCOCOEvaluator(_PrintsToLog, _StreamedEvaluation, COCOEvaluator):
 
 
 def _config_fingerprint(cfg) -> str:
-    """A digest of the config without the keys that may change between a run and its resumption."""
+    """A digest of the config, without the keys that may change between a run and its resumption
+    without changing its detections (how it runs, where, how its results are evaluated)."""
     import hashlib
 
     c = cfg.clone()
     c.defrost()
-    c.MODEL.REGIONSPOT.EVAL.RESUME = False
+    e = c.MODEL.REGIONSPOT.EVAL
+    e.RESUME, e.ENGINE, e.IMAGES_PER_SHARD, e.DETS_PER_CHUNK = False, "auto", 0, 0
+    c.MODEL.DEVICE, c.DATALOADER.NUM_WORKERS, c.MODEL.REGIONSPOT.TEST_IMS_PER_BATCH = "", 0, 0
     return hashlib.sha256(c.dump().encode()).hexdigest()[:16]
 
 
