@@ -80,7 +80,9 @@ def test_lvis_figures_equal_the_lvis_packages(lvis_set, engine, dets_per_chunk):
 def test_coco_stats_equal_pycocotools(coco_set, engine, dets_per_chunk):
     gt, dets, expected = coco_set
     assert any(a.get("iscrowd") for a in gt["annotations"])  # RLE crowd regions in the ground truth
-    out = _run(gt, dets, False, max_dets=50, engine=engine, dets_per_chunk=dets_per_chunk)
+    # bbox and segm side by side in two processes, or one after the other
+    out = _run(gt, dets, False, max_dets=50, engine=engine, dets_per_chunk=dets_per_chunk,
+               processes=1 if dets_per_chunk == 1 else 2)
     for task in ("bbox", "segm"):
         stats = list(out[task].stats)
         assert len(stats) == 12
@@ -116,6 +118,20 @@ def test_unknown_category_or_image_is_named(lvis_set):
         r["image_id"] = 123456
     with pytest.raises(KeyError, match="123456"):
         _run(gt, bad, True, engine="reference")
+
+
+def test_an_error_in_the_second_process_is_raised_with_its_traceback(coco_set, monkeypatch):
+    gt, dets, _ = coco_set
+    real = fast_eval.evaluate_chunk
+
+    def failing(gt_chunk, lines, task, **kw):
+        if task == "segm":
+            raise ValueError("broken segm chunk")
+        return real(gt_chunk, lines, task, **kw)
+
+    monkeypatch.setattr(fast_eval, "evaluate_chunk", failing)
+    with pytest.raises(RuntimeError, match="(?s)Evaluating segm failed.*broken segm chunk"):
+        _run(gt, dets[:20], False, processes=2)
 
 
 def test_engine_names_are_checked():

@@ -653,9 +653,13 @@ def lvis_eval_child(args) -> int:
             start = time.perf_counter()
             res = ev.evaluate()
             seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"route": route, "images": n, "seconds": seconds, "peak_rss_gb": peak,
-                      "rss_before_gb": rss_before, "metrics": res}), flush=True)
+    # The route's processes together: this one and the task process it forks (an upper bound: their
+    # peaks need not coincide, and pages they share count twice).
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    forked = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(json.dumps({"route": route, "images": n, "seconds": seconds, "peak_rss_gb": own + forked,
+                      "peak_rss_main_gb": own, "peak_rss_forked_gb": forked, "rss_before_gb": rss_before,
+                      "metrics": res}), flush=True)
     return 0
 
 

@@ -390,12 +390,47 @@ def coco_summary(gt: GroundTruth, precision: np.ndarray, recall: np.ndarray, tas
 
 
 # ------------------------------------------------------------------------------ the whole
+def _evaluate_task(gt: GroundTruth, buckets: Buckets, chunks, task: str, *, max_dets: int, engine: str,
+                   start: float) -> Tuple[np.ndarray, np.ndarray]:
+    """One task's precision and recall over all categories, chunk by chunk."""
+    precisions, recalls = [], []
+    for i, (chunk, chunk_images) in enumerate(chunks):
+        lo, hi = chunk[0] * buckets.per_bucket, min((chunk[-1] + 1) * buckets.per_bucket, len(gt.cat_ids))
+        lines = [line for b in chunk for line in buckets.read(b)]
+        p, r = evaluate_chunk(gt.chunk_dataset(gt.cat_ids[lo:hi], chunk_images), lines, task,
+                              lvis_style=gt.lvis_style, max_dets=max_dets, img_ids=chunk_images, engine=engine)
+        precisions.append(p)
+        recalls.append(r)
+        if (i + 1) % 50 == 0 or i + 1 == len(chunks):
+            logger.info(f"{task}: categories 1-{hi} of {len(gt.cat_ids)} evaluated (chunk {i + 1}/{len(chunks)}, "
+                        f"{time.perf_counter() - start:.1f} s).")
+    return np.concatenate(precisions, axis=2), np.concatenate(recalls, axis=1)
+
+
+def _task_process(path: str, *args, **kwargs) -> None:
+    """`_evaluate_task` in a forked process: its arrays, or its error, to `path`."""
+    code = 0
+    try:
+        p, r = _evaluate_task(*args, **kwargs)
+        np.savez(path, precision=p, recall=r)
+    except BaseException:
+        import traceback
+
+        with open(path + ".error", "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
+    os._exit(code)  # no atexit handlers or buffers of the parent's
+
+
 def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Sequence[str], *, max_dets: int = 300,
                      engine: str = "auto", dets_per_chunk: int = DEFAULT_DETS_PER_CHUNK,
                      pairs_per_chunk: int = DEFAULT_PAIRS_PER_CHUNK, img_ids: Optional[Sequence[int]] = None,
-                     work_dir: Optional[str] = None) -> Dict[str, object]:
+                     work_dir: Optional[str] = None, processes: int = 0) -> Dict[str, object]:
     """Evaluate a stream of per-image record lists (COCO result format, dataset category ids)
     against `gt`, chunk by chunk of categories.
+
+    The tasks (bbox, segm) are evaluated side by side, each in its own process, by up to
+    `processes` processes (0: one per task, at most the CPUs; forked, where the OS forks).
 
     Returns {task: summary}: for LVIS an `lvis.LVISEval` (`.results`), for COCO a pycocotools
     COCOeval (`.stats`, `.eval`), as the one-shot evaluation would leave them.
@@ -404,37 +439,47 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
     img_ids = list(gt.image_ids if img_ids is None else sorted(set(img_ids)))
     folder = tempfile.mkdtemp(prefix="regionspot-eval-", dir=work_dir)
     start = time.perf_counter()
+    tasks = list(tasks)
+    arrays = {}
     try:
         buckets = Buckets(folder, len(gt.cat_ids))
         read = bucket_detections(gt, images, buckets, max_dets=max_dets,
                                  img_ids=None if img_ids == gt.image_ids else img_ids)
-        kept = sum(buckets.counts)
-        logger.info(f"Evaluating {read} detections ({kept} that count) with {engine}, by chunks of at most "
-                    f"{dets_per_chunk} detections; bucketed in {time.perf_counter() - start:.1f} s.")
-        arrays = {t: ([], []) for t in tasks}
         chunks = buckets.chunks(dets_per_chunk, gt, pairs_per_chunk)
         if img_ids != gt.image_ids:
             wanted = set(img_ids)
             chunks = [(b, [i for i in ims if i in wanted]) for b, ims in chunks]
-        for i, (chunk, chunk_images) in enumerate(chunks):
-            lo, hi = chunk[0] * buckets.per_bucket, min((chunk[-1] + 1) * buckets.per_bucket, len(gt.cat_ids))
-            gt_chunk = gt.chunk_dataset(gt.cat_ids[lo:hi], chunk_images)
-            lines = [line for b in chunk for line in buckets.read(b)]
-            for task in tasks:
-                p, r = evaluate_chunk(gt_chunk, lines, task, lvis_style=gt.lvis_style, max_dets=max_dets,
-                                      img_ids=chunk_images, engine=engine)
-                arrays[task][0].append(p)
-                arrays[task][1].append(r)
-            del lines, gt_chunk
-            if (i + 1) % 25 == 0 or i + 1 == len(chunks):
-                logger.info(f"Evaluated categories 1-{hi} of {len(gt.cat_ids)} (chunk {i + 1}/{len(chunks)}, "
-                            f"{time.perf_counter() - start:.1f} s).")
+        processes = processes or min(len(tasks), os.cpu_count() or 1)
+        forked = {}
+        if processes > 1 and hasattr(os, "fork"):
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("fork")
+            for task in tasks[1:processes]:
+                path = os.path.join(folder, f"{task}.npz")
+                proc = ctx.Process(target=_task_process, args=(path, gt, buckets, chunks, task),
+                                   kwargs=dict(max_dets=max_dets, engine=engine, start=start), daemon=True)
+                proc.start()
+                forked[task] = (proc, path)
+        logger.info(f"Evaluating {read} detections ({sum(buckets.counts)} that count) with {engine} in "
+                    f"{len(chunks)} chunks of categories, {len(forked) + 1} process(es); bucketed in "
+                    f"{time.perf_counter() - start:.1f} s.")
+        for task in tasks:
+            if task not in forked:
+                arrays[task] = _evaluate_task(gt, buckets, chunks, task, max_dets=max_dets, engine=engine,
+                                              start=start)
+        for task, (proc, path) in forked.items():
+            proc.join()
+            if proc.exitcode != 0:
+                error = open(path + ".error").read() if os.path.isfile(path + ".error") else f"exit code {proc.exitcode}"
+                raise RuntimeError(f"Evaluating {task} failed in its process:\n{error}")
+            with np.load(path) as f:
+                arrays[task] = (f["precision"], f["recall"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     out = {}
     for task in tasks:
-        precision = np.concatenate(arrays[task][0], axis=2)
-        recall = np.concatenate(arrays[task][1], axis=1)
+        precision, recall = arrays[task]
         if gt.lvis_style:
             out[task] = lvis_summary(gt, precision, recall, task, max_dets)
         else:
