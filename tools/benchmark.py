@@ -657,7 +657,9 @@ def lvis_eval_child(args) -> int:
     # peaks need not coincide, and pages they share count twice).
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     forked = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(json.dumps({"route": route, "images": n, "seconds": seconds, "peak_rss_gb": own + forked,
+    cpu = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))  # CPU seconds of the whole process, imports included
+    print(json.dumps({"route": route, "images": n, "seconds": seconds, "cpu_s": cpu, "peak_rss_gb": own + forked,
                       "peak_rss_main_gb": own, "peak_rss_forked_gb": forked, "rss_before_gb": rss_before,
                       "metrics": res}), flush=True)
     return 0
@@ -675,7 +677,8 @@ def _lvis_eval_run(args, route: str, n: int) -> dict:
         raise SystemExit(f"--lvis-eval-size: the {route} route at {n} images failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"  {'RegionSpot (shards + fast_eval)' if route == 'new' else 'detectron2 LVISEvaluator (in memory)'}"
-          f", {n} images: {out['seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB", flush=True)
+          f", {n} images: {out['seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB "
+          f"({out['cpu_s']:.0f} CPU s in the process, start-up included)", flush=True)
     return out
 
 

@@ -390,29 +390,29 @@ def coco_summary(gt: GroundTruth, precision: np.ndarray, recall: np.ndarray, tas
 
 
 # ------------------------------------------------------------------------------ the whole
-def _evaluate_task(gt: GroundTruth, buckets: Buckets, chunks, task: str, *, max_dets: int, engine: str,
-                   start: float) -> Tuple[np.ndarray, np.ndarray]:
-    """One task's precision and recall over all categories, chunk by chunk."""
-    precisions, recalls = [], []
-    for i, (chunk, chunk_images) in enumerate(chunks):
+def _evaluate_chunks(gt: GroundTruth, buckets: Buckets, chunks, tasks: Sequence[str], indices: Sequence[int], *,
+                     max_dets: int, engine: str, start: float) -> Dict[str, np.ndarray]:
+    """Precision and recall of these chunks, every task: {"<task>/precision/<i>": array, ...}."""
+    out = {}
+    for n, i in enumerate(indices):
+        chunk, chunk_images = chunks[i]
         lo, hi = chunk[0] * buckets.per_bucket, min((chunk[-1] + 1) * buckets.per_bucket, len(gt.cat_ids))
         lines = [line for b in chunk for line in buckets.read(b)]
-        p, r = evaluate_chunk(gt.chunk_dataset(gt.cat_ids[lo:hi], chunk_images), lines, task,
-                              lvis_style=gt.lvis_style, max_dets=max_dets, img_ids=chunk_images, engine=engine)
-        precisions.append(p)
-        recalls.append(r)
-        if (i + 1) % 50 == 0 or i + 1 == len(chunks):
-            logger.info(f"{task}: categories 1-{hi} of {len(gt.cat_ids)} evaluated (chunk {i + 1}/{len(chunks)}, "
-                        f"{time.perf_counter() - start:.1f} s).")
-    return np.concatenate(precisions, axis=2), np.concatenate(recalls, axis=1)
+        for task in tasks:
+            p, r = evaluate_chunk(gt.chunk_dataset(gt.cat_ids[lo:hi], chunk_images), lines, task,
+                                  lvis_style=gt.lvis_style, max_dets=max_dets, img_ids=chunk_images, engine=engine)
+            out[f"{task}/precision/{i}"], out[f"{task}/recall/{i}"] = p, r
+        if (n + 1) % 50 == 0 or n + 1 == len(indices):
+            logger.info(f"{n + 1} of this process's {len(indices)} chunks of categories evaluated "
+                        f"({time.perf_counter() - start:.1f} s).")
+    return out
 
 
-def _task_process(path: str, *args, **kwargs) -> None:
-    """`_evaluate_task` in a forked process: its arrays, or its error, to `path`."""
+def _chunks_process(path: str, *args, **kwargs) -> None:
+    """`_evaluate_chunks` in a forked process: its arrays, or its error, to `path`."""
     code = 0
     try:
-        p, r = _evaluate_task(*args, **kwargs)
-        np.savez(path, precision=p, recall=r)
+        np.savez(path, **_evaluate_chunks(*args, **kwargs))
     except BaseException:
         import traceback
 
@@ -429,8 +429,8 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
     """Evaluate a stream of per-image record lists (COCO result format, dataset category ids)
     against `gt`, chunk by chunk of categories.
 
-    The tasks (bbox, segm) are evaluated side by side, each in its own process, by up to
-    `processes` processes (0: one per task, at most the CPUs; forked, where the OS forks).
+    The chunks are shared out over `processes` processes (0: one per CPU; forked, where the OS
+    forks), each evaluating every task of its chunks.
 
     Returns {task: summary}: for LVIS an `lvis.LVISEval` (`.results`), for COCO a pycocotools
     COCOeval (`.stats`, `.eval`), as the one-shot evaluation would leave them.
@@ -440,7 +440,6 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
     folder = tempfile.mkdtemp(prefix="regionspot-eval-", dir=work_dir)
     start = time.perf_counter()
     tasks = list(tasks)
-    arrays = {}
     try:
         buckets = Buckets(folder, len(gt.cat_ids))
         read = bucket_detections(gt, images, buckets, max_dets=max_dets,
@@ -449,37 +448,36 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
         if img_ids != gt.image_ids:
             wanted = set(img_ids)
             chunks = [(b, [i for i in ims if i in wanted]) for b, ims in chunks]
-        processes = processes or min(len(tasks), os.cpu_count() or 1)
-        forked = {}
-        if processes > 1 and hasattr(os, "fork"):
+        processes = min(processes or os.cpu_count() or 1, len(chunks)) if hasattr(os, "fork") else 1
+        kw = dict(max_dets=max_dets, engine=engine, start=start)
+        forked = []
+        if processes > 1:
             import multiprocessing
 
             ctx = multiprocessing.get_context("fork")
-            for task in tasks[1:processes]:
-                path = os.path.join(folder, f"{task}.npz")
-                proc = ctx.Process(target=_task_process, args=(path, gt, buckets, chunks, task),
-                                   kwargs=dict(max_dets=max_dets, engine=engine, start=start), daemon=True)
+            for k in range(1, processes):
+                path = os.path.join(folder, f"process{k}.npz")
+                proc = ctx.Process(target=_chunks_process, daemon=True, kwargs=kw,
+                                   args=(path, gt, buckets, chunks, tasks, range(k, len(chunks), processes)))
                 proc.start()
-                forked[task] = (proc, path)
-        logger.info(f"Evaluating {read} detections ({sum(buckets.counts)} that count) with {engine} in "
-                    f"{len(chunks)} chunks of categories, {len(forked) + 1} process(es); bucketed in "
+                forked.append((proc, path))
+        logger.info(f"Evaluating {read} detections ({sum(buckets.counts)} that count) with {engine}: "
+                    f"{len(chunks)} chunks of categories over {processes} process(es); bucketed in "
                     f"{time.perf_counter() - start:.1f} s.")
-        for task in tasks:
-            if task not in forked:
-                arrays[task] = _evaluate_task(gt, buckets, chunks, task, max_dets=max_dets, engine=engine,
-                                              start=start)
-        for task, (proc, path) in forked.items():
+        arrays = _evaluate_chunks(gt, buckets, chunks, tasks, range(0, len(chunks), processes), **kw)
+        for proc, path in forked:
             proc.join()
             if proc.exitcode != 0:
                 error = open(path + ".error").read() if os.path.isfile(path + ".error") else f"exit code {proc.exitcode}"
-                raise RuntimeError(f"Evaluating {task} failed in its process:\n{error}")
+                raise RuntimeError(f"Evaluating chunks of categories failed in a forked process:\n{error}")
             with np.load(path) as f:
-                arrays[task] = (f["precision"], f["recall"])
+                arrays.update({k: f[k] for k in f.files})
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     out = {}
     for task in tasks:
-        precision, recall = arrays[task]
+        precision = np.concatenate([arrays[f"{task}/precision/{i}"] for i in range(len(chunks))], axis=2)
+        recall = np.concatenate([arrays[f"{task}/recall/{i}"] for i in range(len(chunks))], axis=1)
         if gt.lvis_style:
             out[task] = lvis_summary(gt, precision, recall, task, max_dets)
         else:
