@@ -139,3 +139,18 @@ def test_engine_names_are_checked():
     with pytest.raises(ValueError, match="no_such"):
         fast_eval.resolve_engine("no_such")
     assert fast_eval.resolve_engine("auto") == "faster_coco_eval"  # installed in the test environment
+
+
+def test_bucket_lines_give_back_the_exact_values():
+    import numpy as np
+
+    recs = [{"image_id": 3, "category_id": 7, "score": 0.1 + 0.2, "bbox": [1 / 3, 2, 1e-17, 123456.789],
+             "segmentation": {"size": [4, 5], "counts": "a1b"}},
+            {"image_id": 4, "category_id": 1, "score": np.float32(0.25), "bbox": [np.float64(1.5), 2.0, 3.0, 4.0],
+             "segmentation": [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]}]
+    for r in recs:
+        line = fast_eval._encode(r)
+        box, seg = fast_eval._decode(line, "bbox"), fast_eval._decode(line, "segm")
+        assert box["bbox"] == [float(v) for v in r["bbox"]] and box["score"] == float(r["score"])
+        assert seg["segmentation"] == r["segmentation"] and "bbox" not in seg and "segmentation" not in box
+        assert (box["image_id"], box["category_id"]) == (r["image_id"], r["category_id"])

@@ -187,8 +187,16 @@ def _encode(r: dict) -> str:
     else:
         s = "J" + json.dumps(seg)
     box = r.get("bbox")
-    b = "" if box is None else ",".join(repr(float(v)) for v in box)
-    return f"{r['image_id']}\t{r['category_id']}\t{float(r['score'])!r}\t{b}\t{s}\n"
+    if box is None:
+        b = ""
+    elif len(box) == 4:  # repr of an int or float reads back as the same value
+        b = f"{box[0]!r},{box[1]!r},{box[2]!r},{box[3]!r}"
+        if "(" in b:  # numpy scalars: np.float32(...)
+            b = ",".join(repr(float(v)) for v in box)
+    else:
+        raise ValueError(f"A detection of image {r['image_id']} has a bbox of {len(box)} numbers: {box}")
+    score = r["score"]
+    return f"{r['image_id']}\t{r['category_id']}\t{score if type(score) is float else float(score)!r}\t{b}\t{s}\n"
 
 
 def _decode(line: str, task: str) -> dict:
