@@ -122,7 +122,8 @@ class _StreamedEvaluation:
         if self._output_dir:
             folder = shards.results_folder(self._output_dir)
         else:  # no output folder: a temporary one, shared by the processes of this machine
-            folder = comm.all_gather(tempfile.mkdtemp(prefix="regionspot-results-") if comm.is_main_process() else None)[0]
+            made = tempfile.mkdtemp(prefix="regionspot-results-") if comm.is_main_process() else None
+            folder = comm.all_gather(made)[0]
         if comm.is_main_process():
             shards.prepare_folder(folder, resume=self._resume, fingerprint=self._fingerprint)
         comm.synchronize()

@@ -476,7 +476,10 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
         for proc, path in forked:
             proc.join()
             if proc.exitcode != 0:
-                error = open(path + ".error").read() if os.path.isfile(path + ".error") else f"exit code {proc.exitcode}"
+                error = f"exit code {proc.exitcode}"
+                if os.path.isfile(path + ".error"):
+                    with open(path + ".error") as f:
+                        error = f.read()
                 raise RuntimeError(f"Evaluating chunks of categories failed in a forked process:\n{error}")
             with np.load(path) as f:
                 arrays.update({k: f[k] for k in f.files})
