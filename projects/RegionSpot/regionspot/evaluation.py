@@ -124,9 +124,15 @@ class _StreamedEvaluation:
         else:  # no output folder: a temporary one, shared by the processes of this machine
             made = tempfile.mkdtemp(prefix="regionspot-results-") if comm.is_main_process() else None
             folder = comm.all_gather(made)[0]
+        error = None
         if comm.is_main_process():
-            shards.prepare_folder(folder, resume=self._resume, fingerprint=self._fingerprint)
-        comm.synchronize()
+            try:
+                shards.prepare_folder(folder, resume=self._resume, fingerprint=self._fingerprint)
+            except ValueError as e:
+                error = str(e)
+        error = comm.all_gather(error)[0]  # a barrier too; every process stops on the main one's error
+        if error:
+            raise ValueError(error)
         self._results_folder = folder
         self._to_dataset_id = self._dataset_category_ids()
         self._writer = shards.ShardWriter(folder, comm.get_rank(), self._images_per_shard)
