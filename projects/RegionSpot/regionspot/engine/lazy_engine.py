@@ -69,9 +69,13 @@ def do_train(args, cfg):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        if args.resume and "evaluator" in cfg.dataloader:  # continue an interrupted evaluation
+            cfg.dataloader.evaluator.resume = True
+            cfg.dataloader.test.dataset.skip_completed_in = cfg.dataloader.evaluator.output_dir
         model = instantiate(cfg.model)
         model = create_ddp_model(model)
+        # The weights are train.init_checkpoint, also with --resume (which resumes the evaluation).
         RegionSpotCheckpointer(model, save_dir=cfg.train.output_dir, key="train.init_checkpoint").resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume)
+            cfg.train.init_checkpoint, resume=False)
         return do_test(cfg, model)
     return do_train(args, cfg)
