@@ -247,9 +247,11 @@ class RegionPipeline(nn.Module):
         return probs if prompt_scores is None else probs * prompt_scores[:, None]
 
     def paste_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int],
-                    out_size: Tuple[int, int]) -> torch.Tensor:
-        """Boolean (N, H, W) masks at `out_size` from SAM's low-res logits of the kept regions."""
-        return self.sam_encoder.paste_masks(low_res, input_size, out_size, fast=self.fast_mask_paste)
+                    out_size: Tuple[int, int], return_windows: bool = False):
+        """Boolean (N, H, W) masks at `out_size` from SAM's low-res logits of the kept regions (and
+        with `return_windows` their windows, see `RegionEncoderBase.paste_masks`)."""
+        return self.sam_encoder.paste_masks(low_res, input_size, out_size, fast=self.fast_mask_paste,
+                                            return_windows=return_windows)
 
     def detections(self, probs: torch.Tensor, boxes: torch.Tensor, low_res: Optional[torch.Tensor],
                    image_size: Tuple[int, int], input_size: Tuple[int, int], out_size: Tuple[int, int],
@@ -271,7 +273,8 @@ class RegionPipeline(nn.Module):
                 masks = self.sam_encoder.box_masks(low_res[unique], input_size, image_size, boxes[unique], box_mask_size)
                 result.pred_masks = masks[inverse]
             else:
-                result.pred_masks = IndexedMasks(self.paste_masks(low_res[unique], input_size, out_size), inverse)
+                masks, windows = self.paste_masks(low_res[unique], input_size, out_size, return_windows=True)
+                result.pred_masks = IndexedMasks(masks, inverse, windows)
         return result
 
     def recognize(self, sam_emb: torch.Tensor, input_sizes: List[Tuple[int, int]], clip_tokens: torch.Tensor,

@@ -252,3 +252,8 @@ class SamRegionEncoder(RegionEncoderBase):
                          original_size: Tuple[int, int]) -> torch.Tensor:
         """SAM's own `postprocess_masks`: upsample to the padded S x S input, crop, resize."""
         return self.sam.postprocess_masks(low_res, input_size, original_size)
+
+    def _upsample_stages(self, input_size: Tuple[int, int], original_size: Tuple[int, int]):
+        """`postprocess_masks`' resizes per axis: low-res to the S x S frame, kept to the resized
+        image's side; then that side to the original size (see `RegionEncoderBase.mask_windows`)."""
+        return tuple([(0.25, input_size[a]), (input_size[a] / original_size[a], original_size[a])] for a in (0, 1))
