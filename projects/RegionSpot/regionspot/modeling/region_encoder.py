@@ -89,8 +89,11 @@ class RegionEncoderBase(nn.Module):
         raise NotImplementedError
 
     def decode_prompts(self, embedding, original_size: Tuple[int, int], boxes: Optional[torch.Tensor] = None,
-                       points: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                       points: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None,
+                       masks: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Region tokens (N, C) and low-res mask logits (N, 1, h, w) of N prompts; with
+        `masks=False` the decoder stops at the region token (its mask upscaling, hypernetworks
+        and IoU head are skipped) and the logits are None."""
         raise NotImplementedError
 
     def _upsample_logits(self, low_res: torch.Tensor, input_size: Tuple[int, int],
@@ -107,24 +110,26 @@ class RegionEncoderBase(nn.Module):
         return 4 if device.type == "cpu" else 64
 
     def _decode_in_chunks(self, num: int, like: torch.Tensor,
-                          decode: Callable[[slice], Tuple[torch.Tensor, torch.Tensor]]
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`decode(chunk)` -> (tokens, low-res logits) over `num` prompts, `chunk_for` at a time,
-        concatenated; no prompts give empty (0, C) tokens and (0, 1, S/4, S/4) logits like `like`."""
+                          decode: Callable[[slice], Tuple[torch.Tensor, Optional[torch.Tensor]]], masks: bool = True
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`decode(chunk)` -> (tokens, low-res logits or None) over `num` prompts, `chunk_for` at a
+        time, concatenated; no prompts give empty (0, C) tokens and (0, 1, S/4, S/4) logits like
+        `like`. Logits are None when `masks` is False."""
         step = self.chunk_for(like.device)
         out = [decode(slice(start, start + step)) for start in range(0, num, step)]
-        if not out:
-            n = self.image_size // 4
-            return like.new_zeros((0, self.token_dim)), like.new_zeros((0, 1, n, n))
-        return torch.cat([t for t, _ in out]), torch.cat([m for _, m in out])
+        n = self.image_size // 4
+        tokens = torch.cat([t for t, _ in out]) if out else like.new_zeros((0, self.token_dim))
+        if not masks:
+            return tokens, None
+        return tokens, torch.cat([m for _, m in out]) if out else like.new_zeros((0, 1, n, n))
 
-    def decode_boxes(self, embedding, boxes: torch.Tensor, original_size: Tuple[int, int]
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode_boxes(self, embedding, boxes: torch.Tensor, original_size: Tuple[int, int], masks: bool = True
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decode boxes (N, 4, XYXY in original pixels) of one image, in chunks.
 
-        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w), None without `masks`.
         """
-        return self.decode_prompts(embedding, original_size, boxes=boxes)
+        return self.decode_prompts(embedding, original_size, boxes=boxes, masks=masks)
 
     # Float elements a paste samples at once (masks x window pixels): bounds its buffers at any image size.
     paste_pixels = 1 << 22

@@ -210,12 +210,14 @@ class RegionPipeline(nn.Module):
     @torch.no_grad()
     def decode_regions(self, sam_embedding: torch.Tensor, image_size: Tuple[int, int],
                        boxes: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None,
-                       point_labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       point_labels: Optional[torch.Tensor] = None, masks: bool = True
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Region tokens (N, C) and low-res mask logits (N, 1, h, w) of one image's prompts: boxes
-        (N, 4) XYXY and/or points (N, P, 2) with labels, in the pixels of the `image_size` image."""
+        (N, 4) XYXY and/or points (N, P, 2) with labels, in the pixels of the `image_size` image.
+        With `masks=False` the decoder stops at the tokens (same tokens) and the logits are None."""
         with self.autocast():
             tokens, low_res = self.sam_encoder.decode_prompts(
-                sam_embedding, image_size, boxes=boxes, points=points, point_labels=point_labels)
+                sam_embedding, image_size, boxes=boxes, points=points, point_labels=point_labels, masks=masks)
         return tokens.float(), low_res
 
     def embed_regions(self, tokens: List[torch.Tensor], clip_tokens: torch.Tensor) -> List[torch.Tensor]:
@@ -282,8 +284,9 @@ class RegionPipeline(nn.Module):
                   vocabularies: Sequence[Optional[VocabularyLike]],
                   prompt_scores: Optional[List[Optional[torch.Tensor]]] = None) -> List[Dict]:
         """Boxes of each image (XYXY in its `image_sizes` pixels) -> per image a dict with
-        `probs` (N, C), `low_res` mask logits and the vocabulary's `names`."""
-        decoded = [self.decode_regions(sam_emb[i], image_sizes[i], boxes=boxes[i]) for i in range(len(boxes))]
+        `probs` (N, C), `low_res` mask logits (None unless `mask_on`) and the vocabulary's `names`."""
+        decoded = [self.decode_regions(sam_emb[i], image_sizes[i], boxes=boxes[i], masks=self.mask_on)
+                   for i in range(len(boxes))]
         region_emb = self.embed_regions([d[0] for d in decoded], clip_tokens)
         out = []
         for i, (emb, (_, low_res)) in enumerate(zip(region_emb, decoded)):
