@@ -239,15 +239,18 @@ class RegionEncoderBase(nn.Module):
             shared = bool((top == top[0]).all() and (left == left[0]).all())  # e.g. whole-image windows
             for r0 in range(0, R, band):
                 rows = top[:, None] + torch.arange(r0, min(R, r0 + band), device=dev)  # (n, r)
-                if shared:  # one grid for all, as the whole-image paste makes it
-                    grid = torch.stack(torch.meshgrid(gy[rows[0]], gx[cols[0]], indexing="ij")[::-1], dim=-1)
-                    grid = grid[None].expand(len(idx), -1, -1, -1)
-                else:
-                    grid = torch.stack([gx[cols][:, None, :].expand(-1, rows.shape[1], -1),
-                                        gy[rows][:, :, None].expand(-1, -1, C)], dim=-1)
+                # Grid points (x, y), copied in place (stacking broadcast views is slow on a CPU).
+                grid = torch.empty((1 if shared else len(idx), rows.shape[1], C, 2), device=dev)
+                grid[..., 0] = gx[cols[:grid.shape[0]]][:, None, :]
+                grid[..., 1] = gy[rows[:grid.shape[0]]][:, :, None]
+                grid = grid.expand(len(idx), -1, -1, -1)  # shared: one grid for all
                 logits = F.grid_sample(low_res[idx].float(), grid, mode="bilinear", padding_mode="border",
                                        align_corners=False)
                 sampled = logits[:, 0] > self.mask_threshold
+                if shared:
+                    y, x = int(top[0]) + r0, int(left[0])
+                    out[idx, y: y + rows.shape[1], x: x + C] = sampled
+                    continue
                 for j, (i, y, x) in enumerate(zip(todo[start:stop], top.tolist(), left.tolist())):
                     out[i, y + r0: y + r0 + rows.shape[1], x: x + C] = sampled[j]
             start = stop
