@@ -218,7 +218,7 @@ class RegionEncoderBase(nn.Module):
         heights, widths = (windows[:, 1] - windows[:, 0]).tolist(), (windows[:, 3] - windows[:, 2]).tolist()
         todo = sorted((i for i in range(len(heights)) if heights[i] and widths[i]),
                       key=lambda i: (heights[i], widths[i]))
-        start = 0
+        start, shared_grids = 0, {}
         while start < len(todo):  # masks of similar windows together, within paste_pixels
             stop, R, C = start + 1, heights[todo[start]], widths[todo[start]]
             own = R * C
@@ -239,11 +239,17 @@ class RegionEncoderBase(nn.Module):
             shared = bool((top == top[0]).all() and (left == left[0]).all())  # e.g. whole-image windows
             for r0 in range(0, R, band):
                 rows = top[:, None] + torch.arange(r0, min(R, r0 + band), device=dev)  # (n, r)
-                # Grid points (x, y), copied in place (stacking broadcast views is slow on a CPU).
-                grid = torch.empty((1 if shared else len(idx), rows.shape[1], C, 2), device=dev)
-                grid[..., 0] = gx[cols[:grid.shape[0]]][:, None, :]
-                grid[..., 1] = gy[rows[:grid.shape[0]]][:, :, None]
-                grid = grid.expand(len(idx), -1, -1, -1)  # shared: one grid for all
+                # Grid points (x, y), copied in place (stacking broadcast views is slow on a CPU);
+                # a window shared by all masks of a group gets one grid, reused by later groups.
+                key = (int(top[0]) + r0, rows.shape[1], int(left[0]), C) if shared else None
+                grid = shared_grids.get(key)
+                if grid is None:
+                    grid = torch.empty((1 if shared else len(idx), rows.shape[1], C, 2), device=dev)
+                    grid[..., 0] = gx[cols[:grid.shape[0]]][:, None, :]
+                    grid[..., 1] = gy[rows[:grid.shape[0]]][:, :, None]
+                    if shared:
+                        shared_grids = {key: grid}
+                grid = grid.expand(len(idx), -1, -1, -1)
                 logits = F.grid_sample(low_res[idx].float(), grid, mode="bilinear", padding_mode="border",
                                        align_corners=False)
                 sampled = logits[:, 0] > self.mask_threshold
