@@ -224,9 +224,9 @@ class RegionEncoderBase(nn.Module):
             own = R * C
             while stop < len(todo):
                 r, c = max(R, heights[todo[stop]]), max(C, widths[todo[stop]])
-                sampled = (stop + 1 - start) * r * c
+                samples = (stop + 1 - start) * r * c
                 own_next = own + heights[todo[stop]] * widths[todo[stop]]
-                if sampled > self.paste_pixels or sampled > 2 * own_next:  # at most twice the windows' pixels
+                if samples > self.paste_pixels or samples > 2 * own_next:  # at most twice the windows' pixels
                     break
                 stop, R, C, own = stop + 1, r, c, own_next
             idx = torch.tensor(todo[start:stop], device=dev)
