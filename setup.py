@@ -40,7 +40,7 @@ setup(
     # The configs, the quickstart's tiny pretrained encoders (tools/pretrain_tiny_encoders.py),
     # found through regionspot://pretrained/... from any working directory, and the open_clip
     # configs of the tiny test models (CLIP.BACKEND open_clip, CLIP.NAME tiny).
-    package_data={"regionspot": packaged_configs() + ["pretrained/*.pth.gz", "modeling/open_clip_configs/*.json"]},
+    package_data={"regionspot": packaged_configs() + ["pretrained/*.pth.gz", "modeling/encoders/open_clip_configs/*.json"]},
     # 3.11: the code uses BaseException.add_note.
     python_requires=">=3.11",
     # detectron2 is deliberately not listed: it has no usable PyPI release; install it from source
@@ -70,5 +70,9 @@ setup(
         "open_clip": ["open-clip-torch==3.3.0"],
         # tools/web_demo.py; gradio pins its own client (gradio-client==2.7.2, the tests' API driver).
         "web": ["gradio==6.31.0"],
+        # ONNX export of the head and its check with onnxruntime.
+        "deploy": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
+        # faster-coco-eval: a faster LVIS / COCO evaluator.
+        "fasteval": ["faster-coco-eval==1.8.0"],
     },
 )

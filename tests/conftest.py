@@ -28,6 +28,9 @@ from regionspot.data.dataset_mapper import RegionSpotDatasetMapper  # noqa: E402
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis  # noqa: E402
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
+# Subprocesses and waits in the tests only guard against a hang: the limit is far above what any
+# run needs on a slow or busy machine, so no test fails for being slow.
+HANG_TIMEOUT_S = 3600
 # Unit tests use the quickstart model with *random* tiny encoders (fast, and independent of the
 # shipped pretrained files); tests of the quickstart itself use its own config.
 TINY_CONFIG = os.path.join(CONFIG_DIR, "quickstart", "RegionSpot-tiny-random_synthetic.yaml")

@@ -16,14 +16,14 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from regionspot.checkpoint import HeadMismatchError, RegionSpotCheckpointer
-from regionspot.modeling.clip_encoder import build_clip
+from regionspot.modeling.encoders.clip_encoder import build_clip
 from regionspot.config import check_regionspot_config
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from regionspot.modeling.head import RegionSpotHead
 from regionspot.data.images import read_image, to_uint8_image
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.proposals import attach_proposals
-from regionspot.modeling.sam_encoder import build_sam
+from regionspot.modeling.encoders.sam_encoder import build_sam
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.modeling.text_embeddings import (
     cached_class_embeddings,

@@ -12,9 +12,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.modeling.clip_encoder import build_clip
+from regionspot.modeling.encoders.clip_encoder import build_clip
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
-from regionspot.modeling.sam_encoder import build_sam
+from regionspot.modeling.encoders.sam_encoder import build_sam
 
 from conftest import tiny_cfg
 

@@ -14,6 +14,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from conftest import HANG_TIMEOUT_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "projects", "RegionSpot", "regionspot")
 # Not on PyPI in a usable form: the user installs it (from source, or tools/setup_env.sh).
@@ -21,7 +23,7 @@ NOT_DECLARED = {"detectron2"}
 
 
 def _run(cmd, cwd, env=None):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -108,8 +110,8 @@ def test_wheel_ships_configs_and_model_zoo_works_elsewhere(tmp_path):
     assert shipped == source and len(source) > 10
     names = zipfile.ZipFile(wheel).namelist()
     # The open_clip configs of the tiny test models (CLIP.BACKEND open_clip, CLIP.NAME tiny).
-    configs = glob.glob(os.path.join(PACKAGE, "modeling", "open_clip_configs", "*.json"))
-    assert configs and all(f"regionspot/modeling/open_clip_configs/{os.path.basename(p)}" in names for p in configs)
+    configs = glob.glob(os.path.join(PACKAGE, "modeling", "encoders", "open_clip_configs", "*.json"))
+    assert configs and all(f"regionspot/modeling/encoders/open_clip_configs/{os.path.basename(p)}" in names for p in configs)
     target = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target),
           wheel], cwd=tmp_path)

@@ -1,5 +1,5 @@
 """RegionSpotPredictor: shapes, agreement with the model and with SAM, feature reuse, vocabularies,
-bad input, and the README's Python example."""
+bad input, and the Python example of the README and docs/GETTING_STARTED.md."""
 import contextlib
 import logging
 import os
@@ -307,13 +307,30 @@ def test_built_from_config_file_and_weights(tmp_path):
         RegionSpotPredictor.from_config_file(str(tmp_path / "no_such.yaml"))
 
 
+def _python_block(relpath: str, heading: str) -> str:
+    """The one ```python block under `heading` (a whole heading line, up to the next heading of its
+    level or above) in a Markdown file of the repository."""
+    with open(os.path.join(ROOT, relpath), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    level = len(heading.split(" ", 1)[0])
+    start = lines.index(heading) + 1
+    section, fenced = [], False
+    for line in lines[start:]:
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,%d} " % level, line):
+            break
+        section.append(line)
+    blocks = re.findall(r"```python\n(.*?)```", "\n".join(section), flags=re.S)
+    assert len(blocks) == 1, (relpath, heading, len(blocks))
+    return blocks[0]
+
+
 def test_readme_python_example_runs(monkeypatch, capsys, tmp_path):
-    """The README's Python API example is executed as written, so it cannot drift from the code."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1
+    """The README's predictor example and its continuation in docs/GETTING_STARTED.md are executed
+    as written, one after the other in one namespace, so they cannot drift from the code."""
+    readme_block = _python_block("README.md", "### Predictor")
+    docs_block = _python_block(os.path.join("docs", "GETTING_STARTED.md"), "## Python API")
     # The example reads the head the quickstart trains: give it one in a fresh folder (the config
     # path then resolves through the model zoo, as it does from any directory).
     monkeypatch.chdir(tmp_path)
@@ -323,10 +340,12 @@ def test_readme_python_example_runs(monkeypatch, capsys, tmp_path):
     RegionSpotCheckpointer(build_model(cfg), "output/quickstart").save("model_final")
     capsys.readouterr()
     namespace = {}
-    exec(compile(blocks[0], "README.md (Python API)", "exec"), namespace)
+    exec(compile(readme_block, "README.md (Predictor)", "exec"), namespace)
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    exec(compile(docs_block, "docs/GETTING_STARTED.md (Python API)", "exec"), namespace)
     assert isinstance(namespace["predictor"], RegionSpotPredictor)
     assert [len(r) for r in namespace["results"]] == [1, 1]
-    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert len(capsys.readouterr().out.splitlines()) == 2
 
 
 # ------------------------------------------------------------------ detectron2 objects as prompts

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the README's offline shell examples as written (the quickstart first, when its trained head
-# is missing), so they cannot go stale. The Python API example is run by tests/test_predictor.py.
+# is missing), so they cannot go stale. The predictor example (README.md, continued in
+# docs/GETTING_STARTED.md) is run by tests/test_predictor.py.
 #   ./tools/check_readme.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

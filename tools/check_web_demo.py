@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check tools/web_demo.py in a real headless browser, and take the README's screenshot.
+"""Check tools/web_demo.py in a real headless browser, and take the screenshot in docs/DEMOS.md.
 
     python tools/check_web_demo.py --output docs/web_demo.png [--config-file ... --weights ...]
 
@@ -28,6 +28,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEB_DEMO = os.path.join(ROOT, "tools", "web_demo.py")
+# How long to wait for the server to start and for the page to show a result. They guard against a
+# hang only, so they are far above what a slow or busy machine needs.
+START_TIMEOUT_S = 1800.0
+WAIT_TIMEOUT_S = 600.0
 INSTALL_HINT = ("Install Chromium and its driver: `apt-get install -y chromium chromium-driver` (Debian; "
                 "./tools/setup_browser.sh does it when run as root), or set CHROMIUM and CHROMEDRIVER to "
                 "the browser and chromedriver binaries.")
@@ -69,7 +73,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def start_server(args: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
-                 timeout: float = 240.0, log_path: Optional[str] = None) -> Iterator[str]:
+                 timeout: float = START_TIMEOUT_S, log_path: Optional[str] = None) -> Iterator[str]:
     """Run `python tools/web_demo.py ARGS --port P` on 127.0.0.1; yield its URL once it answers;
     stop it (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
@@ -130,7 +134,7 @@ def start_browser(width: int = 1400, height: int = 1000):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for(condition, timeout: float = 60.0, what: str = "the page", interval: float = 0.2):
+def wait_for(condition, timeout: float = WAIT_TIMEOUT_S, what: str = "the page", interval: float = 0.2):
     """Poll `condition()` until it returns something truthy (returned); TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
     last = None
@@ -163,7 +167,7 @@ def open_page(driver, url: str) -> None:
     wait_for(lambda: css_all(driver, "#image_file input[type=file]"), what="the page to render")
 
 
-def idle(driver, timeout: float = 60.0, settle: int = 3) -> None:
+def idle(driver, timeout: float = WAIT_TIMEOUT_S, settle: int = 3) -> None:
     """Wait until Gradio shows no pending event (no progress text, ETA bar or pending marker) for
     `settle` polls in a row (a chained event starts right after the one before it ends)."""
     busy = "return document.querySelectorAll('.eta-bar, .progress-text, .pending').length;"
@@ -241,7 +245,7 @@ def table_rows(driver) -> List[List[str]]:
     return [r for r in rows if any(r)]
 
 
-def region_rows(driver, count: int, timeout: float = 60.0) -> List[List[str]]:
+def region_rows(driver, count: int, timeout: float = WAIT_TIMEOUT_S) -> List[List[str]]:
     """The table's rank-1 rows (region, prompt, rank, class, score) once it shows `count` regions
     and reads the same twice in a row (it re-renders as the page changes)."""
     fit_window(driver)

@@ -30,13 +30,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from regionspot.config import get_regionspot_cfg
-from regionspot.evaluation import category_ids, named_results_json
+from regionspot.demo.results import result_records
+from regionspot.evaluation import category_ids
 from regionspot.utils.file_io import OutputPathError, atomic_write_bytes, check_output_dir, check_output_file
 from regionspot.data.images import read_image
 from regionspot.data.prompt_files import image_id_of, lookup_prompts, read_box_file, read_image_ids
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.data.proposals import read_json_proposals
-from regionspot.modeling.sam_encoder import SAM_AUTO_EMPTY_HINT
+from regionspot.modeling.encoders.region_encoder import SAM_AUTO_EMPTY_HINT
 from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options
 from regionspot.visualization import draw_regions
 
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             pairs = (res.to_detections(args.detections_per_image) if args.detections_per_image
                      else res.to_instances(args.classes_per_region))
             pairs = pairs[pairs.scores >= args.confidence_threshold]
-            results.extend(named_results_json(pairs, image_id, names, cat_ids))
+            results.extend(result_records(pairs, image_id, names, ids=cat_ids))
         if args.output:
             instances = res.to_instances()
             instances = instances[instances.scores >= args.confidence_threshold]

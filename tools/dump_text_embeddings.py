@@ -20,11 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from regionspot.modeling.clip_encoder import build_clip_encoder
+from regionspot.modeling.encoders import build_clip_encoder
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.file_io import check_output_file
 from regionspot.modeling.region_pipeline import frozen_precision
-from regionspot.modeling.text_embeddings import get_templates, save_embedding_file
 from regionspot.modeling.vocabulary import Vocabulary, vocabulary_from_options
 
 logger = logging.getLogger("regionspot.dump_text_embeddings")
@@ -64,14 +63,11 @@ def dump(args: argparse.Namespace) -> str:
     encoder = build_clip_encoder(cfg).to(device)
     # The model's own text side (same templates, cache and precision), so the file equals what
     # the model computes itself.
-    vocabulary = Vocabulary(encoder, custom=c.CUSTOM_VOCABULARY, templates=get_templates(c.TEXT.TEMPLATES),
-                            cache_dir=c.TEXT.CACHE_DIR, chunk_size=chunk,
-                            precision=lambda: frozen_precision(device, c.AUTOCAST))
+    vocabulary = Vocabulary.from_config(cfg, encoder, chunk_size=chunk,
+                                        precision=lambda: frozen_precision(device, c.AUTOCAST))
     logger.info(f"Encoding vocabulary {args.vocabulary!r} ({len(vocabulary.templates)} templates, {chunk} prompts "
                 f"per call) with CLIP {c.CLIP.NAME} (fingerprint {vocabulary.fingerprint}).")
-    names, emb = vocabulary.embeddings(vocab)
-    groups = [list(g) for g in vocab] if args.synonyms else None
-    save_embedding_file(args.output, names, emb, vocabulary.fingerprint, vocabulary.templates, groups)
+    vocabulary.write_file(args.output, vocab, [list(g) for g in vocab] if args.synonyms else None)
     return args.output
 
 

@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.console import setup_run_logging
 from regionspot.utils.file_io import OutputPathError, check_output_dir
-from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.modeling.encoders import build_sam_encoder
 from regionspot.modeling.text_embeddings import default_cache_dir
 from regionspot.data.token_extraction import extract_tokens, gather_summaries
 

@@ -8,7 +8,8 @@
 #   tools/gpu_check.sh run OUTDIR           # on the GPU machine: installs .gpu_wheels into a temporary
 #                                           # folder, measures within a 420 s budget (--budget; about
 #                                           # 8 min in all), writes OUTDIR/gpu_check.json and .md
-#   tools/gpu_check.sh run OUTDIR --dry-run # the same on the CPU with tiny SAM and CLIP (tests)
+#   tools/gpu_check.sh run OUTDIR --dry-run # the same on the CPU with tiny SAM and CLIP (tests; no
+#                                           # time budget: its work is 4 small images per configuration)
 #
 # With the device tool:
 #   run(command="bash tools/gpu_check.sh run $OUT", carry=[".gpu_wheels"], timeout_s=540)

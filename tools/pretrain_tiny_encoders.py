@@ -38,9 +38,9 @@ from tqdm import tqdm
 from regionspot import warnings_filter  # noqa: F401  (only the known-harmless warnings filtered)
 import clip
 from clip.model import CLIP
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder
 from regionspot.utils.file_io import atomic_write_bytes
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_sam
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_sam
 from regionspot.data.synthetic import ALL_CLASSES, COLOURS, DEFAULT_CLASSES, render_scene
 from regionspot.modeling.text_embeddings import TEMPLATE_SETS
 from regionspot.utils.weights import PACKAGE_DIR

@@ -17,11 +17,26 @@ Progress goes to the console; detectron2's full log to OUTPUT_DIR/log.txt (--ver
 import argparse
 import json
 import os
+import platform
 import sys
 from typing import Dict, List, Tuple
 
-import regionspot  # noqa: F401  (registers datasets; filters known-harmless warnings)
-import torch
+# The figures depend on the CPU's kernels and threads: torch, MKL and oneDNN pick AVX-512 or AVX2
+# code by CPU and split sums by thread, their float sums differ in the last bits, and 400
+# iterations of training turn that into another head. Measured on one 2-core AVX-512 machine, segm
+# AP: 64.8 (AVX-512 kernels, 1 thread), 64.2 (2 threads), 64.6 (torch's AVX2 kernels only), 65.0
+# (torch, MKL and oneDNN all on AVX2); top-1 100% and bbox AP 24.3 -> 100.0 in every case. So
+# the quickstart runs on 1 thread (--threads) and, on x86-64, on the AVX2 kernels every such CPU
+# of the last decade has: a fresh machine prints the README's figures. Set these variables
+# yourself to choose other kernels. They must be set before torch loads (so: when run as a script;
+# a process that imports this module keeps its own).
+KERNEL_SETTINGS = (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"))
+if __name__ == "__main__" and platform.machine().lower() in ("x86_64", "amd64"):
+    for _key, _value in KERNEL_SETTINGS:
+        os.environ.setdefault(_key, _value)
+
+import regionspot  # noqa: F401,E402  (registers datasets; filters known-harmless warnings)
+import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
@@ -29,7 +44,7 @@ from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
 from regionspot.utils.console import ProgressBar
-from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.modeling.encoders import build_sam_encoder
 from regionspot.data.token_extraction import extract_tokens
 from regionspot.engine.trainer import RegionSpotTrainer
 
@@ -192,6 +207,8 @@ def main(argv=None) -> dict:
         "top1_accuracy": rec["correct"] / max(rec["boxes"], 1), "validation_boxes": rec["boxes"],
         "iterations": cfg.SOLVER.MAX_ITER, "trained_head": os.path.join(out, "model_final.pth"),
         "pictures": rec["pictures"], "log": os.path.join(out, "log.txt"),
+        "kernels": {k: os.environ[k] for k, _ in KERNEL_SETTINGS if k in os.environ},
+        "threads": torch.get_num_threads(),
     }
     summary_path = os.path.join(out, "quickstart_summary.json")
     with open(summary_path, "w") as f:
@@ -207,7 +224,10 @@ def main(argv=None) -> dict:
           f"Trained head:  {summary['trained_head']}\n"
           f"Pictures:      {pictures} ({len(rec['pictures'])}; green = right, red = wrong with the truth)\n"
           f"Metrics:       {summary_path}\n"
-          f"Full log:      {summary['log']}", flush=True)
+          f"Full log:      {summary['log']}\n"
+          f"Kernels:       {' '.join(f'{k}={v}' for k, v in summary['kernels'].items()) or 'the CPU default'}, "
+          f"{summary['threads']} thread{'s' if summary['threads'] > 1 else ''} (other kernels or threads change the "
+          "APs by a few tenths)", flush=True)
     return summary
 
 

@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" "$ROOT/tools/quickstart.py" "$@"
+exec "${REGIONSPOT_VENV:-$ROOT/.venv}/bin/python" "$ROOT/tools/quickstart.py" "$@"

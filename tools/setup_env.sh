@@ -2,16 +2,16 @@
 # Create (or reuse) the project's virtualenv in .venv with the pinned stack.
 #
 # Why a script: detectron2 has no usable PyPI distribution for Python 3.11
-# (see the README, "Install"), so a plain `pip install -e .` is not
+# (see docs/INSTALL.md), so a plain `pip install -e .` is not
 # enough on a machine without GitHub access. This script is idempotent: when
 # .venv already imports everything it returns at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REGIONSPOT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-STAMP="$VENV/.regionspot-env-v2"
+STAMP="$VENV/.regionspot-env-v3"
 
-if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip, gradio, selenium" 2>/dev/null; then
+if [ -f "$STAMP" ] && "$VENV/bin/python" -c "import regionspot, detectron2, segment_anything, clip, lvis, sam2, open_clip, gradio, selenium, onnxruntime, faster_coco_eval" 2>/dev/null; then
   exit 0
 fi
 
@@ -28,6 +28,19 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --pro
 "${PIP[@]}" pycocotools matplotlib termcolor yacs tabulate cloudpickle tqdm tensorboard \
     "omegaconf>=2.1,<2.4" "hydra-core>=1.1" fvcore iopath opencv-python-headless \
     segment-anything==1.0 openai-clip==1.0.1 lvis==0.5.3 ftfy regex pytest
+# The optional backbones (setup.py's extras sam2 and open_clip), so the tests cover them. sam2 is
+# an sdist: SAM2_BUILD_CUDA=0 skips its optional CUDA op, and --no-build-isolation builds it
+# against the torch above (an isolated build would fetch another multi-GB torch).
+SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
+# The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
+# Pillow pinned too (gradio allows < 13): the quickstart's synthetic images are drawn with it, so its
+# printed figures stay the README's.
+"${PIP[@]}" gradio==6.31.0 selenium==4.51.0 pillow==12.3.0
+# ONNX export and its check (extra deploy), and the faster LVIS/COCO evaluator (extra fasteval).
+"${PIP[@]}" onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 faster-coco-eval==1.8.0
+# Every install that runs pip's resolver is above; only --no-deps installs follow. pip re-checks the
+# whole environment after each resolver run, and would report the fallback wheel's numpy<2 and
+# black pins as an "ERROR: pip's dependency resolver ..." line had it come earlier.
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   # Fallback route: upstream detectron2 0.7.2 re-uploaded as sal-detectron2 (a
   # cp310 wheel whose Python sources are version independent). We install it
@@ -40,12 +53,6 @@ if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   "${PIP[@]}" --no-deps "$WHEELDIR"/sal_detectron2-0.7.2-py3-none-any.whl
   rm -rf "$WHEELDIR"
 fi
-# The optional backbones (setup.py's extras sam2 and open_clip), so the tests cover them. sam2 is
-# an sdist: SAM2_BUILD_CUDA=0 skips its optional CUDA op, and --no-build-isolation builds it
-# against the torch above (an isolated build would fetch another multi-GB torch).
-SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.2" open-clip-torch==3.3.0
-# The web demo (extra web: gradio, which brings gradio_client) and its browser test's driver (selenium).
-"${PIP[@]}" gradio==6.31.0 selenium==4.51.0
 "${PIP[@]}" --no-deps -e "$ROOT"
 touch "$STAMP"
 echo "[setup_env] ready: $VENV" >&2

@@ -21,7 +21,10 @@ coco, custom (MODEL.REGIONSPOT.CUSTOM_VOCABULARY), a registered dataset, a text-
 (.pth), or a file of names.
 
 The server binds 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is off
-unless asked for; Gradio's analytics are off. Exit code 2 for bad options or a model that cannot
+unless asked for; Gradio's analytics are off. It never opens a server path a visitor typed, unless
+it lies under an --allow-paths folder (links resolved): files come by upload. The Model panel is
+off unless --allow-model-change, and then loads shipped configs, and configs and checkpoints from
+those folders only (see docs/SECURITY.md). The temporary folder goes on exit, Ctrl-C and SIGTERM. Exit code 2 for bad options or a model that cannot
 be loaded at start; later problems (unreadable image, empty vocabulary, a box outside the image, a
 missing checkpoint in the Model panel) are messages in the page.
 """
@@ -30,38 +33,39 @@ import argparse
 import atexit
 import hashlib
 import html
-import ipaddress
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.data.catalog import Metadata  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from regionspot.config import get_regionspot_cfg  # noqa: E402
 from regionspot.data.images import read_image  # noqa: E402
 from regionspot.data.prompt_files import image_id_of  # noqa: E402
-from regionspot.data.synthetic import make_synthetic_lvis  # noqa: E402
-from regionspot.evaluation import category_ids, named_results_json  # noqa: E402
-from regionspot.modeling.sam_encoder import SAM_AUTO_EMPTY_HINT  # noqa: E402
-from regionspot.modeling.text_embeddings import (  # noqa: E402
-    BUILTIN_VOCABULARIES, default_cache_dir, read_custom_vocabulary)
-from regionspot.modeling.vocabulary import VocabularyLike, vocabulary_from_options  # noqa: E402
-from regionspot.predictor import RegionResults, RegionSpotPredictor  # noqa: E402
+from regionspot.demo.access import MODEL_CHANGE_OFF, PageAccess  # noqa: E402
+from regionspot.demo.errors import DemoError  # noqa: E402
+from regionspot.demo.examples import synthetic_examples  # noqa: E402
+from regionspot.demo.prompt_lines import (  # noqa: E402
+    CLICK_MODES, Region, add_click, check_regions, new_region_text, parse_prompts, prompt_arrays, prompt_groups,
+    prompt_points, undo_last_item)
+from regionspot.demo.results import (  # noqa: E402
+    TABLE_COLUMNS, Outcome, empty_instances, encode_timing, region_instances, result_records, results_metadata,
+    table_rows, timings_line)
+from regionspot.demo.vocabulary_text import vocabulary_from_text  # noqa: E402
+from regionspot.modeling.encoders.region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: E402
+from regionspot.predictor import RegionSpotPredictor  # noqa: E402
 from regionspot.utils.extras import require_extra  # noqa: E402
 from regionspot.utils.file_io import atomic_write_bytes  # noqa: E402
 from regionspot.visualization import draw_regions  # noqa: E402
@@ -72,170 +76,9 @@ import pandas as pd  # noqa: E402  (a dependency of gradio)
 logger = logging.getLogger("regionspot.web_demo")
 DEFAULT_CONFIG = "quickstart/RegionSpot-tiny_synthetic.yaml"  # a model-zoo name: works from any directory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLICK_MODES = ("foreground point", "background point", "box (click two corners)")
-EMBEDDING_SUFFIXES = (".pth", ".pt")
-TABLE_COLUMNS = ["region", "prompt", "rank", "class", "score"]
-NUM_EXAMPLES = 4
-
-
-class DemoError(ValueError):
-    """A problem with what the user gave (image, prompts, vocabulary, model): shown in the page."""
-
-
-# ---------------------------------------------------------------------------------- prompts
-@dataclass
-class Region:
-    """One region prompt: a box and/or points (x, y, label 1 foreground / 0 background)."""
-
-    box: Optional[List[float]] = None
-    points: List[Tuple[float, float, int]] = field(default_factory=list)
-
-    def text(self) -> str:
-        """The region as a line of the prompt box (box corners ordered)."""
-        box = None if self.box is None else [min(self.box[0], self.box[2]), min(self.box[1], self.box[3]),
-                                             max(self.box[0], self.box[2]), max(self.box[1], self.box[3])]
-        items = [] if box is None else ["box " + " ".join(_fmt(v) for v in box)]
-        items += [f"{'fg' if lab else 'bg'} {_fmt(x)} {_fmt(y)}" for x, y, lab in self.points]
-        return "; ".join(items)
-
-
-def _fmt(v: float) -> str:
-    return f"{round(float(v), 2):g}"
-
-
-def parse_prompts(text: str) -> List[Region]:
-    """Regions from the prompt box: one per non-empty line, items 'box x0 y0 x1 y1', 'fg x y',
-    'bg x y' separated by ';'. Box corners may come in any order. Raises DemoError naming the line."""
-    regions = []
-    for number, line in enumerate((text or "").splitlines(), start=1):
-        if not line.strip():
-            continue
-        region = Region()
-        for item in (s.strip() for s in line.split(";")):
-            if not item:
-                continue
-            kind, *values = item.split()
-            kind = kind.lower()
-            expected = {"box": 4, "fg": 2, "bg": 2}.get(kind)
-            try:
-                nums = [float(v) for v in values]
-            except ValueError:
-                nums = []
-            if expected is None or len(nums) != expected or not all(np.isfinite(nums)):
-                raise DemoError(f"Prompt line {number}: cannot read {item!r}; write 'box x0 y0 x1 y1', "
-                                "'fg x y' or 'bg x y' (pixels), items separated by ';'.")
-            if kind == "box":
-                if region.box is not None:
-                    raise DemoError(f"Prompt line {number} has two boxes: a region has at most one box "
-                                    "(put the second on its own line).")
-                x0, y0, x1, y1 = nums
-                region.box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
-            else:
-                region.points.append((nums[0], nums[1], 1 if kind == "fg" else 0))
-        if region.box is not None or region.points:
-            regions.append(region)
-    return regions
-
-
-def check_regions(regions: Sequence[Region], size: Tuple[int, int]) -> None:
-    """Refuse boxes with no area inside the image and points outside it, naming the region."""
-    h, w = size
-    for k, r in enumerate(regions, start=1):
-        if r.box is not None:
-            x0, y0, x1, y1 = r.box
-            if min(x1, w) - max(x0, 0) <= 0 or min(y1, h) - max(y0, 0) <= 0:
-                raise DemoError(f"Region {k}: the box [{', '.join(_fmt(v) for v in r.box)}] has no area inside "
-                                f"the {w}x{h} (W x H) image.")
-        for x, y, _ in r.points:
-            if not (0 <= x <= w and 0 <= y <= h):
-                raise DemoError(f"Region {k}: the point ({_fmt(x)}, {_fmt(y)}) lies outside the {w}x{h} (W x H) image.")
-
-
-def prompt_arrays(regions: Sequence[Region]) -> Dict[str, Optional[np.ndarray]]:
-    """`RegionSpotPredictor.predict`'s boxes / points / point_labels for regions that all have a
-    box or all have none; regions with fewer points are padded with label -1 (SAM's padding)."""
-    boxes = None if regions[0].box is None else np.array([r.box for r in regions], dtype=np.float32)
-    most = max(len(r.points) for r in regions)
-    if most == 0:
-        return {"boxes": boxes, "points": None, "point_labels": None}
-    points = np.zeros((len(regions), most, 2), dtype=np.float32)
-    labels = -np.ones((len(regions), most), dtype=np.float32)
-    for i, r in enumerate(regions):
-        for j, (x, y, lab) in enumerate(r.points):
-            points[i, j], labels[i, j] = (x, y), lab
-    return {"boxes": boxes, "points": points, "point_labels": labels}
-
-
-def prompt_groups(regions: Sequence[Region]) -> List[List[int]]:
-    """Indices of the regions classified together: those with a box, then those with points only
-    (one `predict` call each, as the predictor takes boxes for all regions of a call or for none)."""
-    with_box = [i for i, r in enumerate(regions) if r.box is not None]
-    without = [i for i, r in enumerate(regions) if r.box is None]
-    return [g for g in (with_box, without) if g]
-
-
-def add_click(text: str, mode: str, pending: Optional[List[float]], x: float,
-              y: float) -> Tuple[str, Optional[List[float]]]:
-    """The prompt text after a click at (x, y) in `mode` (one of CLICK_MODES): a point joins the
-    last region (so points refine a box, as in SAM); a box takes two clicks (`pending` holds the
-    first corner) and starts a new region. Returns (text, pending corner)."""
-    text = text or ""
-    open_line = text.rstrip(" \t").endswith("\n")  # "New region" (or Enter) left an empty last line
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if mode == CLICK_MODES[2]:
-        if pending is None:
-            return text, [x, y]
-        lines.append(Region(box=[pending[0], pending[1], x, y]).text())
-        return "\n".join(lines), None
-    item = Region(points=[(x, y, 1 if mode == CLICK_MODES[0] else 0)]).text()
-    if lines and not open_line:
-        lines[-1] = f"{lines[-1]}; {item}"
-    else:
-        lines.append(item)
-    return "\n".join(lines), pending
-
-
-# ---------------------------------------------------------------------------------- vocabulary
-def vocabulary_from_text(text: str, synonyms: bool = False,
-                         config_custom: Sequence[str] = ()) -> Tuple[VocabularyLike, Optional[str]]:
-    """What the vocabulary box names, through the same readers as tools/demo.py's options.
-
-    A single word that is a vocabulary spec ('lvis', 'coco', 'custom', a registered dataset) or a
-    text-embedding file is that vocabulary (`synonyms`: average a dataset's synonyms); anything
-    else is a comma-separated list of names, each optionally 'name | synonym | ...', or a file of
-    names. Returns (vocabulary, the dataset spec its category ids come from, or None).
-    """
-    text = (text or "").strip()
-    if not text:
-        raise DemoError("The vocabulary is empty: type class names separated by commas (synonyms as "
-                        "'name | synonym'), or lvis, coco, a registered dataset or a text-embedding file.")
-    try:
-        if "," not in text and "|" not in text:
-            if text.endswith(EMBEDDING_SUFFIXES):
-                return vocabulary_from_options(text)
-            if text == "custom" and not config_custom:
-                raise DemoError("'custom' names MODEL.REGIONSPOT.CUSTOM_VOCABULARY, which this model's config "
-                                "leaves empty: type the class names instead.")
-            is_spec = text in BUILTIN_VOCABULARIES or text == "custom" or text in DatasetCatalog.list()
-            if is_spec and not os.path.isfile(text):
-                return vocabulary_from_options(text, "", synonyms, config_custom)
-        names, groups = read_custom_vocabulary(text, source="the vocabulary box")
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise DemoError(f"Vocabulary: {str(e).strip(chr(34))}") from e
-    return (groups if groups else names), None
 
 
 # ---------------------------------------------------------------------------------- the demo
-@dataclass
-class Outcome:
-    """One run's results: the regions (`Instances` with `region_ids`), and what each step took."""
-
-    instances: Instances
-    names: List[str]
-    id_spec: Optional[str]
-    timings: List[Tuple[str, float]]
-
-
 def default_weights(cfg) -> str:
     """MODEL.WEIGHTS, else the head that training writes for this config (OUTPUT_DIR/model_final.pth,
     e.g. the quickstart's output/quickstart/model_final.pth) if it exists, else "" (random head)."""
@@ -252,13 +95,16 @@ class WebDemo:
     """The page's work, on one `RegionSpotPredictor` shared by all visitors (one at a time)."""
 
     def __init__(self, config_file: str = DEFAULT_CONFIG, weights: Optional[str] = None,
-                 opts: Sequence[str] = (), top_k: int = 3):
+                 opts: Sequence[str] = (), top_k: int = 3, allow_paths: Sequence[str] = (),
+                 allow_model_change: bool = False):
         self.lock = threading.RLock()
         self.top_k = top_k
         self.output_dir = tempfile.mkdtemp(prefix="regionspot_web_")
         atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
         self.predictor: Optional[RegionSpotPredictor] = None
         self.load_model(config_file, weights, opts)
+        # What visitors may make the server open (checked in the server for every request).
+        self.access = PageAccess(allow_paths, allow_model_change, self.config_file, self.cfg.MODEL.WEIGHTS)
 
     # ------------------------------------------------------------------ model
     def load_model(self, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = ()) -> str:
@@ -347,7 +193,8 @@ class WebDemo:
         with self.lock:
             rgb, _, encoded = self.set_image(path)
             timings = [encode_timing(encoded)]
-            vocab, id_spec = vocabulary_from_text(vocabulary, synonyms, self.cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
+            vocab, id_spec = vocabulary_from_text(vocabulary, synonyms, self.cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY,
+                                                  may_open=self.access.may_open)
             start = time.perf_counter()
             try:
                 names, _ = self.predictor.vocabulary_embeddings(vocab)
@@ -379,84 +226,25 @@ class WebDemo:
         are left out of all three, as tools/demo.py's --confidence-threshold does."""
         rgb = self.read(path)
         start = time.perf_counter()
-        points = [(x, y, lab) for r in regions for x, y, lab in r.points]
-        if pending is not None:
-            points.append((pending[0], pending[1], 1))
-        pts = np.array([p[:2] for p in points], dtype=np.float32).reshape(-1, 2)
-        labels = np.array([p[2] for p in points], dtype=np.float32)
+        pts, labels = prompt_points(regions, pending)
         if outcome is None:
-            picture = draw_regions(rgb, empty_instances(rgb.shape[:2]), _metadata([]), points=pts,
+            picture = draw_regions(rgb, empty_instances(rgb.shape[:2]), results_metadata([]), points=pts,
                                    point_labels=labels).get_image()
             return picture, pd.DataFrame(columns=TABLE_COLUMNS), None, []
         inst = outcome.instances[outcome.instances.scores >= threshold]
-        metadata = _metadata(outcome.names)
-        picture = draw_regions(rgb, inst, metadata, region_ids=inst.region_ids.tolist(), points=pts,
-                               point_labels=labels).get_image()
+        picture = draw_regions(rgb, inst, results_metadata(outcome.names), region_ids=inst.region_ids.tolist(),
+                               points=pts, point_labels=labels).get_image()
         drawing = time.perf_counter() - start
-        rows = []
-        texts = {k: r.text() for k, r in enumerate(regions, start=1)}
-        for k, classes, scores in zip(inst.region_ids.tolist(), inst.topk_classes.tolist(), inst.topk_scores.tolist()):
-            for rank, (c, s) in enumerate(zip(classes, scores), start=1):
-                rows.append([k, texts.get(k, "") if rank == 1 else "", rank, outcome.names[c], round(float(s), 6)])
+        rows = table_rows(inst, outcome.names, {k: r.text() for k, r in enumerate(regions, start=1)})
         table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
         json_path = None
         if len(inst):
-            image_id = image_id_of(path, {})
-            records = named_results_json(_json_fields(inst), image_id, outcome.names,
-                                         category_ids(outcome.id_spec, len(outcome.names)))
+            records = result_records(inst, image_id_of(path, {}), outcome.names, outcome.id_spec)
             stem = os.path.splitext(os.path.basename(path))[0]
             folder = tempfile.mkdtemp(dir=self.output_dir)
             json_path = os.path.join(folder, f"{stem}_regionspot.json")
             atomic_write_bytes(json.dumps(records).encode(), json_path)
         return picture, table, json_path, [("drawing", drawing)]
-
-
-def region_instances(res: RegionResults, region_ids: Sequence[int]) -> Instances:
-    """A `predict` result as `Instances` (one per region, best class first) numbered by region."""
-    inst = res.to_instances()
-    inst.region_ids = torch.as_tensor(list(region_ids), dtype=torch.long)[inst.prompt_indices]
-    return inst
-
-
-def empty_instances(size: Tuple[int, int]) -> Instances:
-    inst = Instances(tuple(size))
-    inst.pred_boxes = Boxes(torch.zeros(0, 4))
-    inst.scores = torch.zeros(0)
-    inst.pred_classes = torch.zeros(0, dtype=torch.long)
-    inst.pred_masks = torch.zeros(0, *size, dtype=torch.bool)
-    inst.topk_classes = torch.zeros(0, 1, dtype=torch.long)
-    inst.topk_scores = torch.zeros(0, 1)
-    inst.region_ids = torch.zeros(0, dtype=torch.long)
-    return inst
-
-
-def _json_fields(inst: Instances) -> Instances:
-    out = Instances(inst.image_size)
-    for name in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
-        out.set(name, inst.get(name))
-    return out
-
-
-def _metadata(names: Sequence[str]) -> Metadata:
-    return Metadata(name="regionspot_web_demo", thing_classes=list(names))
-
-
-def encode_timing(seconds: Optional[float]) -> Tuple[str, float]:
-    return ("image encoders (reused)", 0.0) if seconds is None else ("image encoders (set_image)", seconds)
-
-
-def timings_line(timings: Sequence[Tuple[str, float]]) -> str:
-    return "Timings: " + " · ".join(f"{name} {seconds * 1000:.0f} ms" if seconds < 1 else f"{name} {seconds:.2f} s"
-                                    for name, seconds in timings) if timings else ""
-
-
-# ---------------------------------------------------------------------------------- examples
-def synthetic_examples(folder: Optional[str] = None, num: int = NUM_EXAMPLES) -> Tuple[List[str], str]:
-    """A few synthetic shapes images (the quickstart's kind, larger; generated once, offline, under
-    $REGIONSPOT_CACHE): (their paths, their LVIS-format json)."""
-    folder = folder or os.path.join(default_cache_dir(), "web_demo_examples")
-    json_path = make_synthetic_lvis(folder, "examples", num_images=num, seed=7, image_size=(384, 512))
-    return [os.path.join(folder, "examples", f"examples_{i:05d}.png") for i in range(num)], json_path
 
 
 # ---------------------------------------------------------------------------------- the page
@@ -465,7 +253,7 @@ CSS = """
 """
 
 
-def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: bool = True) -> gr.Blocks:
+def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
     """The Gradio page. Its public API (gradio_client) has three endpoints, all taking the image
     file: /set_image(image), /predict(image, prompts, vocabulary, synonyms, top_k, threshold) and
     /segment_everything(image, vocabulary, synonyms, top_k, threshold). The clicks, buttons and
@@ -517,22 +305,18 @@ def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: b
         return add_click(prompts, mode, pending, float(evt.index[0]), float(evt.index[1]))
 
     def new_region(prompts):
-        text = "\n".join(ln for ln in (prompts or "").splitlines() if ln.strip())
-        return (text + "\n") if text else "", None
+        return new_region_text(prompts), None
 
     def undo(prompts):
-        lines = [ln for ln in (prompts or "").splitlines() if ln.strip()]
-        if lines:
-            items = [s.strip() for s in lines[-1].split(";") if s.strip()][:-1]
-            lines[-1] = "; ".join(items)
-        return "\n".join(ln for ln in lines if ln.strip()), None
+        return undo_last_item(prompts), None
 
-    def load_model(config_file, weights, opts):
-        if not allow_model_change:
-            raise fail(DemoError("This server listens on a non-local address, so the page may not load other "
-                                 "models (start it with --allow-model-change to allow it)."))
+    def load_model(config_file, weights, opts, request: gr.Request):
+        # Checked here, in the server, for every request: hiding the event from the API does not
+        # stop a process that posts to the queue with its fn_index.
         try:
-            line = demo.load_model(config_file.strip(), weights.strip(), opts.split())
+            path = demo.access.check_model_request(config_file.strip() or demo.config_file, weights.strip(),
+                                                   opts.split(), request)
+            line = demo.load_model(path, weights.strip(), opts.split())
         except DemoError as e:
             raise fail(e)
         return line, demo.default_vocabulary, None, pd.DataFrame(columns=TABLE_COLUMNS), None, line
@@ -572,7 +356,10 @@ def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: b
                     weights_box = gr.Textbox(label="Checkpoint (MODEL.WEIGHTS; empty = a random head)",
                                              value=demo.cfg.MODEL.WEIGHTS, elem_id="weights")
                     opts_box = gr.Textbox(label="Config overrides (KEY VALUE ...)", value="", elem_id="opts")
-                    load_btn = gr.Button("Load model", elem_id="load_model", interactive=allow_model_change)
+                    load_btn = gr.Button("Load model", elem_id="load_model",
+                                         interactive=demo.access.allow_model_change)
+                    if not demo.access.allow_model_change:
+                        gr.Markdown(MODEL_CHANGE_OFF, elem_id="model_change_off")
             with gr.Column(scale=3, min_width=400):
                 canvas = gr.Image(label="Result (click to add prompts)", type="numpy", format="png",
                                   interactive=False, elem_id="canvas", buttons=["download", "fullscreen"])
@@ -620,9 +407,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per region (default 3)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs the internet)")
+    p.add_argument("--allow-paths", action="append", default=[], metavar="DIR",
+                   help="a folder whose files visitors may name in the page (vocabulary files; with "
+                        "--allow-model-change, configs and checkpoints); repeatable. Without it the page opens no "
+                        "server path a visitor types: files come by upload")
     p.add_argument("--allow-model-change", action="store_true",
-                   help="allow the page's Model panel to load configs and checkpoints when --host is not local "
-                        "(always allowed on a local address)")
+                   help="let the page's Model panel load shipped configs, and configs and checkpoints under "
+                        "--allow-paths (off by default, on any address)")
     p.add_argument("--no-examples", action="store_true", help="do not offer the synthetic example images")
     p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -636,13 +427,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def is_local(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     """Parse `argv`, build the model and the page, and serve it. Returns (app, url) when `block`
     is False (stop it with `app.close()`); raises SystemExit(2) for bad options or a model that
@@ -651,13 +435,18 @@ def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     if args.top_k < 1:
         print(f"web_demo.py: error: --top-k must be at least 1, got {args.top_k}.", file=sys.stderr)
         raise SystemExit(2)
+    for folder in args.allow_paths:
+        if not os.path.isdir(folder):
+            print(f"web_demo.py: error: --allow-paths {folder}: not a folder.", file=sys.stderr)
+            raise SystemExit(2)
     try:
-        demo = WebDemo(args.config_file, args.weights, args.opts, top_k=args.top_k)
+        demo = WebDemo(args.config_file, args.weights, args.opts, top_k=args.top_k, allow_paths=args.allow_paths,
+                       allow_model_change=args.allow_model_change)
     except DemoError as e:
         print(f"web_demo.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     examples = [] if args.no_examples else synthetic_examples()[0]
-    app = build_app(demo, examples, allow_model_change=is_local(args.host) or args.allow_model_change)
+    app = build_app(demo, examples)
     port = free_port(args.host) if args.port == 0 else args.port
     app.queue(default_concurrency_limit=1)  # one request at a time on the one predictor
     try:
@@ -674,7 +463,18 @@ def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     return app, f"http://{args.host}:{port}/"
 
 
+def _stop_on_sigterm() -> None:
+    """A service manager's stop (SIGTERM) ends the server as Ctrl-C does, so the exit handlers run
+    (the temporary folder is removed); Python's default for SIGTERM skips them."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _stop_on_sigterm()
     try:
         serve(argv, block=True)
     except SystemExit as e:

@@ -11,7 +11,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
 from regionspot.data import token_cache
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_sam
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_sam
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import ExtractionSummary, extract_tokens, shard_of

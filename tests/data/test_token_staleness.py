@@ -3,7 +3,7 @@ import pytest
 from detectron2.data import DatasetCatalog
 
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
-from regionspot.modeling.sam_encoder import build_sam_encoder
+from regionspot.modeling.encoders import build_sam_encoder
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import CorruptTokenFile
 from regionspot.data.token_extraction import extract_tokens

@@ -5,7 +5,7 @@ import torch
 import torchvision.transforms.functional as TF
 from detectron2.modeling import build_model
 
-from regionspot.modeling.clip_encoder import CLIP_MEAN, CLIP_STD, ClipImageTextEncoder, build_clip
+from regionspot.modeling.encoders.clip_encoder import CLIP_MEAN, CLIP_STD, ClipImageTextEncoder, build_clip
 
 from conftest import tiny_cfg
 

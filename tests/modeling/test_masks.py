@@ -6,7 +6,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_tiny_sam
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_tiny_sam
 
 from conftest import tiny_cfg
 

@@ -18,8 +18,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder, build_clip_encoder
-from regionspot.modeling.open_clip_encoder import (
+from regionspot.modeling.encoders import build_clip_encoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder
+from regionspot.modeling.encoders.open_clip_encoder import (
     OpenClipImageTextEncoder,
     build_open_clip,
     open_clip_architecture,
@@ -101,7 +102,7 @@ def test_input_size_must_be_a_multiple_of_the_patch():
 
 def test_a_model_s_own_size_need_not_be_a_multiple_of_the_patch(monkeypatch):
     # As SigLIP SO400M/14 at 384 px: the patch embedding drops the remainder, as released.
-    from regionspot.modeling import open_clip_encoder as oce
+    from regionspot.modeling.encoders import open_clip_encoder as oce
 
     monkeypatch.setattr(oce, "native_image_size", lambda name: (72, 72))
     enc = OpenClipImageTextEncoder(build_open_clip("tiny", input_size=72), "tiny", 72)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regionspot.modeling.sam2_encoder import Sam2RegionEncoder, build_sam2_model
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_tiny_sam
+from regionspot.modeling.encoders.sam2_encoder import Sam2RegionEncoder, build_sam2_model
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_tiny_sam
 
 
 def _oracle_paste_chunk(enc, low_res, input_size, original_size, fast):

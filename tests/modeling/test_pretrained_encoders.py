@@ -8,8 +8,9 @@ import torch
 from detectron2.config import get_cfg
 
 from regionspot import add_regionspot_config
-from regionspot.modeling.clip_encoder import build_clip, build_clip_encoder
-from regionspot.modeling.sam_encoder import build_sam, build_sam_encoder
+from regionspot.modeling.encoders import build_clip_encoder, build_sam_encoder
+from regionspot.modeling.encoders.clip_encoder import build_clip
+from regionspot.modeling.encoders.sam_encoder import build_sam
 from regionspot.utils.weights import PACKAGE_DIR, load_weights_file, resolve_weights
 
 from conftest import QUICKSTART_CONFIG, load_tool

@@ -15,14 +15,13 @@ from detectron2.modeling import build_model
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from regionspot import config as rs_config
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import extract_tokens
-from regionspot.modeling.sam2_encoder import (SAM2_MODELS, Sam2Features, Sam2RegionEncoder, build_sam2_encoder,
-                                              build_sam2_model)
-from regionspot.modeling.sam_encoder import SAM_TYPES, build_sam_encoder, build_tiny_sam
+from regionspot.modeling.encoders import build_sam_encoder, region_encoder_types, sam_type_random_by_default
+from regionspot.modeling.encoders.sam2_encoder import SAM2_MODELS, Sam2Features, Sam2RegionEncoder, build_sam2_model
+from regionspot.modeling.encoders.sam_encoder import SAM_TYPES, build_tiny_sam
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.utils.extras import MissingExtraError
 
@@ -282,8 +281,9 @@ def test_sam_auto_prompt_source_on_sam2():
 
 # ---------------------------------------------------------------------------------- building, checkpoints
 def test_every_sam_type_is_known_to_the_config_and_unknown_ones_are_named():
-    assert rs_config.SAM_TYPES == SAM_TYPES + tuple(SAM2_MODELS)
-    with pytest.raises(ValueError, match=r"MODEL\.REGIONSPOT\.SAM\.TYPE.*'sam2\.1_hiera_q'"):
+    assert region_encoder_types() == SAM_TYPES + tuple(SAM2_MODELS)
+    assert [t for t in region_encoder_types() if sam_type_random_by_default(t)] == ["tiny", "sam2_tiny"]
+    with pytest.raises(ValueError, match=r"MODEL\.REGIONSPOT\.SAM\.TYPE.*'sam2\.1_hiera_q'.*'vit_b'.*'sam2_tiny'"):
         build_sam_encoder(tiny_cfg("MODEL.REGIONSPOT.SAM.TYPE", "sam2.1_hiera_q"))
     with pytest.raises(ValueError, match="sam2.1_hiera_q"):
         build_sam2_model("sam2.1_hiera_q")
@@ -336,7 +336,7 @@ def test_checkpoints_load_from_a_path_or_url_and_misfits_name_the_key(tmp_path, 
 
     path = str(folder / "sam2_tiny_7.pt")
     assert same(build_sam2_model("sam2_tiny", path, seed=0))
-    assert same(build_sam2_encoder(tiny_cfg(*SAM2, "MODEL.REGIONSPOT.SAM.CHECKPOINT", path)).sam)
+    assert same(build_sam_encoder(tiny_cfg(*SAM2, "MODEL.REGIONSPOT.SAM.CHECKPOINT", path)).sam)
     assert same(build_sam2_model("sam2_tiny", f"{base}/sam2_tiny_7.pt"))
     assert not same(build_sam2_model("sam2_tiny", "random"))
 
@@ -354,7 +354,7 @@ def test_missing_sam2_package_names_the_extra(monkeypatch):
     for name in [m for m in sys.modules if m == "sam2" or m.startswith("sam2.")]:
         monkeypatch.setitem(sys.modules, name, None)  # `import sam2...` now fails
     monkeypatch.setitem(sys.modules, "sam2", None)
-    monkeypatch.delitem(sys.modules, "regionspot.modeling.sam2_encoder")  # imported afresh
+    # The family stays registered (its module imports no sam2); building it asks for the package.
     with pytest.raises(MissingExtraError, match=r"regionspot\[sam2\]") as err:
         build_sam_encoder(tiny_cfg(*SAM2))
     assert "MODEL.REGIONSPOT.SAM.TYPE" in str(err.value)

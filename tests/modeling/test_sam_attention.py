@@ -7,7 +7,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
-from regionspot.modeling.sam_attention import use_fused_attention
+from regionspot.modeling.encoders.sam_attention import use_fused_attention
 
 
 def _encoder(use_rel_pos: bool) -> ImageEncoderViT:

@@ -4,7 +4,7 @@ import torch
 from detectron2.modeling import build_model
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_tiny_sam
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_tiny_sam
 
 from conftest import tiny_cfg
 

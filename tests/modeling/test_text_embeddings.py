@@ -6,18 +6,17 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
 
-from regionspot.modeling.clip_encoder import ClipImageTextEncoder
+from regionspot.modeling.encoders.clip_encoder import ClipImageTextEncoder
 from regionspot.modeling.text_embeddings import (
     IMAGENET_TEMPLATES,
     TEMPLATE_SETS,
-    check_vocabulary,
     clean_class_name,
     encode_class_names,
     get_templates,
     load_embedding_file,
     save_embedding_file,
-    vocabulary_names,
 )
+from regionspot.modeling.vocabulary import check_vocabulary, vocabulary_names
 
 from conftest import tiny_cfg
 

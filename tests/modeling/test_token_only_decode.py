@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from regionspot.modeling.sam2_encoder import Sam2RegionEncoder, build_sam2_model
-from regionspot.modeling.sam_encoder import SamRegionEncoder, build_tiny_sam
+from regionspot.modeling.encoders.sam2_encoder import Sam2RegionEncoder, build_sam2_model
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_tiny_sam
 
 
 @pytest.fixture(scope="module")

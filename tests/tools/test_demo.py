@@ -15,7 +15,7 @@ from PIL import Image
 
 from regionspot.data.synthetic import DEFAULT_CLASSES, make_synthetic_lvis
 
-from conftest import ROOT, TINY_CONFIG, load_tool
+from conftest import HANG_TIMEOUT_S, ROOT, TINY_CONFIG, load_tool
 
 DEMO = os.path.join(ROOT, "tools", "demo.py")
 demo = load_tool("demo")
@@ -51,7 +51,7 @@ def test_cli_folder_with_a_corrupt_image(folder, tmp_path):
         [sys.executable, DEMO, "--config-file", TINY_CONFIG, "--input", folder["images"],
          "--boxes", folder["boxes_file"], "--output", str(out), "--json-output", str(js),
          "--opts", "MODEL.DEVICE", "cpu"],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=HANG_TIMEOUT_S,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "broken.png" in proc.stderr and "unreadable image" in proc.stderr

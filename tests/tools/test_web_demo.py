@@ -20,10 +20,11 @@ from PIL import Image
 from regionspot.config import get_regionspot_cfg
 from regionspot.data.images import read_image
 from regionspot.data.synthetic import DEFAULT_CLASSES
+from regionspot.demo.results import results_metadata
 from regionspot.predictor import RegionSpotPredictor
 from regionspot.visualization import draw_regions
 
-from conftest import QUICKSTART_CONFIG, load_tool
+from conftest import HANG_TIMEOUT_S, QUICKSTART_CONFIG, load_tool
 
 web_demo = load_tool("web_demo")
 
@@ -85,7 +86,7 @@ def expected_picture(rgb, ref, names, texts):
     drawn.pred_classes = torch.tensor([names.index(r[3][0]) for r in ref])
     drawn.pred_masks = torch.stack([r[2] for r in ref])
     points = [p for line in texts.values() for p in web_demo.parse_prompts(line)[0].points]
-    return draw_regions(rgb, drawn, web_demo._metadata(names), region_ids=[r[0] for r in ref],
+    return draw_regions(rgb, drawn, results_metadata(names), region_ids=[r[0] for r in ref],
                         points=np.array([p[:2] for p in points]).reshape(-1, 2),
                         point_labels=np.array([p[2] for p in points])).get_image()
 
@@ -192,7 +193,6 @@ def test_segment_everything_equals_the_predictor(quickstart_head, shapes_image, 
     ("fg 10 500", "cat, dog", "Region 1: the point (10, 500) lies outside the 160x120"),
     ("box 1 2 3", "cat, dog", "Prompt line 1: cannot read 'box 1 2 3'"),
     ("box 10 10 50 50", "cat, dog, cat", "The vocabulary from the vocabulary box names these classes more than once"),
-    ("box 10 10 50 50", "missing_vocabulary.pth", "Text-embedding file not found"),
 ])
 def test_bad_input_is_a_message(server, shapes_image, tmp_path, prompts, vocabulary, message):
     client = _client(server, tmp_path)
@@ -224,11 +224,11 @@ def test_server_binds_localhost_and_stops(quickstart_head):
     try:
         assert url.startswith("http://127.0.0.1:") and app.server_name == "127.0.0.1"
         assert app.share is False and app.analytics_enabled is False
-        urllib.request.urlopen(url + "config", timeout=10).close()  # answers
+        urllib.request.urlopen(url + "config", timeout=HANG_TIMEOUT_S).close()  # answers
     finally:
         app.close()
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url + "config", timeout=10)  # gone
+        urllib.request.urlopen(url + "config", timeout=HANG_TIMEOUT_S)  # gone
 
 
 def test_missing_checkpoint(quickstart_head, tmp_path, capsys):

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import HANG_TIMEOUT_S, ROOT
 
 SNIPPET = """
 import logging, sys
@@ -18,7 +18,7 @@ def _run(args, code):
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "projects", "RegionSpot"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def test_console_warnings_only_unless_verbose(tmp_path):

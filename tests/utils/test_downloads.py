@@ -15,11 +15,11 @@ import torch
 from detectron2.modeling import build_model
 
 from regionspot.checkpoint import RegionSpotCheckpointer
-from regionspot.modeling.clip_encoder import build_clip
-from regionspot.modeling.sam_encoder import build_sam, build_tiny_sam
+from regionspot.modeling.encoders.clip_encoder import build_clip
+from regionspot.modeling.encoders.sam_encoder import build_sam, build_tiny_sam
 from regionspot.utils.weights import DOWNLOAD_TIMEOUT_ENV, DownloadError, download_timeout
 
-from conftest import tiny_cfg
+from conftest import HANG_TIMEOUT_S, tiny_cfg
 
 
 class _Server:
@@ -128,7 +128,7 @@ def test_server_that_never_answers_times_out(server, silent_server, monkeypatch)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(build_sam, "tiny", url)
         with pytest.raises(DownloadError) as info:
-            future.result(timeout=120)
+            future.result(timeout=HANG_TIMEOUT_S)
     msg = str(info.value)
     assert url in msg and "no answer within 0.5 s" in msg and DOWNLOAD_TIMEOUT_ENV in msg
     assert "MODEL.REGIONSPOT.SAM.CHECKPOINT" in msg

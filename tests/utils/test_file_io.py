@@ -17,7 +17,7 @@ from regionspot.utils.file_io import (
     check_output_file,
 )
 
-from conftest import ROOT
+from conftest import HANG_TIMEOUT_S, ROOT
 
 
 def test_checkpoint_save_over_the_file_size_limit_names_file_and_cause(tmp_path):
@@ -44,7 +44,7 @@ def test_checkpoint_save_over_the_file_size_limit_names_file_and_cause(tmp_path)
         assert open(path, "rb").read() == before
         print("FILES:", sorted(os.listdir({str(tmp_path)!r})))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_TIMEOUT_S,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     error = proc.stdout.split("ERROR:", 1)[1].splitlines()[0]

@@ -9,7 +9,7 @@ import pytest
 
 from regionspot.data.synthetic import make_synthetic_lvis
 
-from conftest import ROOT, TINY_CONFIG
+from conftest import HANG_TIMEOUT_S, ROOT, TINY_CONFIG
 
 
 def _load_tool(name: str):
@@ -46,7 +46,7 @@ def test_demo_cli_unwritable_json_output_exits_2_before_any_image(images, tmp_pa
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--config-file", TINY_CONFIG, "--input", images,
          "--sam-auto", "--json-output", str(bad), "--opts", "MODEL.DEVICE", "cpu"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, REGIONSPOT_CACHE=str(tmp_path / "c")),
+        capture_output=True, text=True, timeout=HANG_TIMEOUT_S, env=dict(os.environ, REGIONSPOT_CACHE=str(tmp_path / "c")),
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"--json-output {bad}: {blocker} is a file, not a folder" in proc.stderr

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from .model_zoo import resolve_config_file
+from .utils.config_files import resolve_config_file
 
 
 def add_regionspot_config(cfg: CN) -> None:
@@ -31,7 +31,7 @@ def add_regionspot_config(cfg: CN) -> None:
     # chunks stay in cache: 64 boxes decode 2.2x faster in chunks of 4 than of 64), 64 elsewhere.
     _C.SAM.DECODE_CHUNK = 0
     # Run the image encoder's attention through torch's fused scaled_dot_product_attention with
-    # SAM's relative positions as the additive mask (regionspot/modeling/sam_attention.py): same outputs,
+    # SAM's relative positions as the additive mask (regionspot/modeling/encoders/sam_attention.py): same outputs,
     # 1.27x faster SAM ViT-B encoder on the CPU. SAM (segment_anything) only: the SAM 2 types ignore
     # it (their Hiera encoder already calls the fused attention).
     _C.SAM.FUSED_ATTENTION = True
@@ -80,7 +80,7 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.AUTOCAST = ""
     # torch.compile the frozen SAM image encoder, SAM mask decoder and CLIP image tower: "" (off)
     # or a torch.compile mode ("default", "max-autotune", ...). The first batch pays the
-    # compilation (1-2 min cold on a CPU); see README "Speed and memory" for what it buys.
+    # compilation (1-2 min cold on a CPU); see docs/speed.md for what it buys.
     _C.COMPILE = ""
 
     # A checkpoint (MODEL.WEIGHTS) that leaves some head tensors at their random initialisation
@@ -195,15 +195,6 @@ def get_regionspot_cfg(config_file: str = "", opts: Sequence[str] = (), freeze: 
     return cfg
 
 
-CLIP_BACKENDS = ("clip", "open_clip")
-# Every MODEL.REGIONSPOT.SAM.TYPE: segment_anything's (modeling/sam_encoder.py SAM_TYPES), then
-# SAM 2's (modeling/sam2_encoder.py SAM2_MODELS, imported only when used); a test keeps them in step.
-SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny",
-             "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l", "sam2_tiny")
-# The SAM types whose CHECKPOINT "" means random weights (no official file): the tests' tiny ones.
-SAM_TYPES_RANDOM_BY_DEFAULT = ("tiny", "sam2_tiny")
-
-
 def _check_number(key: str, value, *, integer: bool = False, low: Optional[float] = None,
                   high: Optional[float] = None, low_open: bool = False, high_open: bool = False) -> None:
     """Raise ValueError naming `key` unless `value` is a finite number (an int if `integer`) in range."""
@@ -225,16 +216,14 @@ def check_regionspot_config(cfg: CN) -> None:
     """Check every numeric RegionSpot setting in one place, before anything is built, so a bad
     value fails at once with its key instead of deep inside a run (e.g. ``range()`` with step 0).
 
+    SAM.TYPE and CLIP.BACKEND name registered encoder families: the modeling layer checks them
+    (`regionspot.modeling.encoders.build.check_encoder_config`), as this module knows no model.
     Constraints that need built modules (NUM_HEADS dividing CLIP's width, INPUT_SIZE a multiple
     of CLIP's patch) are checked where those modules are built and name their keys too.
     """
     c = cfg.MODEL.REGIONSPOT
     k = "MODEL.REGIONSPOT."
-    if c.SAM.TYPE not in SAM_TYPES:
-        raise ValueError(f"Unknown {k}SAM.TYPE {c.SAM.TYPE!r}; choose one of {SAM_TYPES}.")
     _check_number(k + "SAM.DECODE_CHUNK", c.SAM.DECODE_CHUNK, integer=True, low=0)
-    if c.CLIP.BACKEND not in CLIP_BACKENDS:
-        raise ValueError(f"Unknown {k}CLIP.BACKEND {c.CLIP.BACKEND!r}; choose one of {CLIP_BACKENDS}.")
     if c.CLIP.PRETRAINED and c.CLIP.BACKEND != "open_clip":
         raise ValueError(f"{k}CLIP.PRETRAINED {c.CLIP.PRETRAINED!r} is an open_clip tag, but {k}CLIP.BACKEND is "
                          f"{c.CLIP.BACKEND!r}: set CLIP.BACKEND open_clip, or leave PRETRAINED empty.")

@@ -13,7 +13,7 @@ from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import BoxMode
 
 from .mask_rle import encode_masks
-from .modeling.text_embeddings import BUILTIN_VOCABULARIES
+from .modeling.vocabulary import BUILTIN_VOCABULARIES
 from .structures import IndexedMasks
 
 logger = logging.getLogger(__name__)

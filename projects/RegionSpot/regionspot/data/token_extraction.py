@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from ..modeling.region_pipeline import frozen_precision, sanitize_boxes
-from ..modeling.sam_encoder import SamRegionEncoder
+from ..modeling.encoders.sam_encoder import SamRegionEncoder
 from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
 
 logger = logging.getLogger(__name__)

@@ -14,11 +14,10 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamSchedule
 from detectron2.config import CfgNode, get_cfg
 
 from ..config import add_regionspot_config
-from ..modeling.clip_encoder import build_clip_encoder
 from ..data.dataset_mapper import RegionSpotDatasetMapper
 from ..modeling.head import RegionSpotHead
 from ..modeling.meta_arch import RegionSpot
-from ..modeling.sam_encoder import build_sam_encoder
+from ..modeling.encoders import build_clip_encoder, build_sam_encoder
 from ..data.token_cache import sam_weights_key, token_cache_folder
 from .trainer import mix_loaders, train_dataset_dicts
 

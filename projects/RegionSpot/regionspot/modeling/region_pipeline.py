@@ -15,11 +15,12 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from .clip_encoder import ClipImageTextEncoder, build_clip_encoder
 from ..config import check_regionspot_config
+from .encoders import build_clip_encoder, build_sam_encoder
+from .encoders.build import check_encoder_config
+from .encoders.clip_encoder import ClipImageTextEncoder
+from .encoders.region_encoder import RegionEncoderBase
 from .head import RegionSpotHead
-from .region_encoder import RegionEncoderBase
-from .sam_encoder import build_sam_encoder
 from ..structures import IndexedMasks
 from .text_embeddings import get_templates
 from .vocabulary import Vocabulary, VocabularyLike
@@ -158,6 +159,7 @@ class RegionPipeline(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict:
         check_regionspot_config(cfg)  # before any (slow) build: a bad value fails at once
+        check_encoder_config(cfg)
         c = cfg.MODEL.REGIONSPOT
         sam_encoder = build_sam_encoder(cfg)
         clip_encoder = build_clip_encoder(cfg)

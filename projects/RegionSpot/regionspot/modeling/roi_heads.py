@@ -59,7 +59,8 @@ class RegionSpotROIHeads(ROIHeads):
         c = cfg.MODEL.REGIONSPOT
         regionspot = RegionPipeline(cfg)
         if c.HEAD_WEIGHTS:  # the fusion head (and any frozen weights in the file), ours or the original's
-            RegionSpotCheckpointer(regionspot, allow_random_head=c.ALLOW_RANDOM_HEAD).load(c.HEAD_WEIGHTS)
+            RegionSpotCheckpointer(regionspot, allow_random_head=c.ALLOW_RANDOM_HEAD,
+                                   key="MODEL.REGIONSPOT.HEAD_WEIGHTS").load(c.HEAD_WEIGHTS)
         return {
             **super().from_config(cfg),
             "regionspot": regionspot,

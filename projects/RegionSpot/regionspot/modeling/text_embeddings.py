@@ -1,7 +1,10 @@
-"""Class-name embeddings from CLIP's text encoder: templates, vocabularies and an on-disk cache.
+"""Text encoding: class names -> embeddings from a CLIP text tower (prompt templates, name cleaning,
+synonym averaging), the embedding file format and the on-disk cache.
 
 Text embeddings depend only on (CLIP weights, names, templates), so each set is encoded once and
 stored under a key made of those three. The same file format serves `tools/dump_text_embeddings.py`.
+This module knows names, not vocabularies: what a vocabulary spec names (datasets, files,
+synonyms) is `regionspot.modeling.vocabulary`'s, which calls this one.
 """
 import hashlib
 import json
@@ -10,10 +13,10 @@ import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from tqdm import tqdm
 
 from ..utils.file_io import atomic_torch_save, content_checksum
+from ..utils.safe_load import UnsafeFileError, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,6 @@ TEMPLATE_SETS = {
     "ensemble": IMAGENET_TEMPLATES + ("{}.",),
     "single": ("a photo of a {}.",),
 }
-# Built-in vocabularies: the detectron2 datasets whose metadata holds their class names.
-BUILTIN_VOCABULARIES = {"lvis": "lvis_v1_val", "coco": "coco_2017_val"}
 _NAME_SUFFIXES = ("-other", "-merged", "-stuff")
 # v2 files carry a content checksum ("sha256"); v1 files (no checksum) are still read, see
 # `load_embedding_file`.
@@ -76,141 +77,6 @@ def clean_class_name(name: str) -> str:
             if name.endswith(suffix):
                 name, stripped = name[: -len(suffix)], True
     return name
-
-
-def check_vocabulary(names: Sequence[str], source: str) -> List[str]:
-    """Refuse empty vocabularies, empty names and duplicates, naming the source."""
-    names = [str(n) for n in names]
-    if not names:
-        raise ValueError(f"The vocabulary from {source} is empty: give at least one class name.")
-    blank = [i for i, n in enumerate(names) if not n.strip()]
-    if blank:
-        raise ValueError(f"The vocabulary from {source} has empty class names at positions {blank}.")
-    seen, dups = set(), []
-    for n in names:
-        if n in seen:
-            dups.append(n)
-        seen.add(n)
-    if dups:
-        raise ValueError(f"The vocabulary from {source} names these classes more than once: {sorted(set(dups))}.")
-    return names
-
-
-def vocabulary_names(spec: str, custom: Sequence[str] = ()) -> List[str]:
-    """Class names for a vocabulary spec: "lvis", "coco", "custom" or a registered dataset's name."""
-    if spec == "custom":
-        return check_vocabulary(custom, "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
-    dataset = BUILTIN_VOCABULARIES.get(spec, spec)
-    if dataset not in DatasetCatalog.list() and not MetadataCatalog.get(dataset).get("thing_classes"):
-        raise KeyError(
-            f"Unknown vocabulary {spec!r}: use 'lvis', 'coco', 'custom', an embedding file, or one of "
-            f"the registered datasets (e.g. {sorted(DatasetCatalog.list())[:5]} ...)."
-        )
-    meta = MetadataCatalog.get(dataset)
-    if not meta.get("thing_classes"):
-        DatasetCatalog.get(dataset)  # some loaders fill thing_classes in while loading
-    return check_vocabulary(MetadataCatalog.get(dataset).get("thing_classes", []), f"dataset {dataset!r}")
-
-
-def synonym_groups(names: Sequence[str], synonyms: Sequence[Sequence[str]]) -> List[List[str]]:
-    """Per class: its name, then its other synonyms (each once, in order)."""
-    groups = []
-    for name, syns in zip(names, synonyms):
-        group = [name]
-        for s in syns:
-            if s not in group:
-                group.append(s)
-        groups.append(group)
-    return groups
-
-
-def vocabulary_synonyms(spec: str) -> List[List[str]]:
-    """Synonym groups (see `synonym_groups`) of a dataset vocabulary, in its class order.
-
-    LVIS v1 ("lvis" or a dataset with its classes) takes them from detectron2's copy of the
-    LVIS categories; other datasets from the "synonyms" of the categories in their json file.
-    """
-    names = vocabulary_names(spec)
-    from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
-
-    lvis = sorted(LVIS_CATEGORIES, key=lambda c: c["id"])
-    if names == [c["synonyms"][0] for c in lvis]:
-        return synonym_groups(names, [c["synonyms"] for c in lvis])
-    dataset = BUILTIN_VOCABULARIES.get(spec, spec)
-    json_file = MetadataCatalog.get(dataset).get("json_file", None)
-    if json_file and not os.path.exists(json_file) and dataset in DatasetCatalog.list():
-        try:  # some datasets (e.g. the synthetic ones) write their json on first load
-            DatasetCatalog.get(dataset)
-        except OSError:
-            pass  # its files are not there: reported below
-    if not json_file or not os.path.exists(json_file):
-        raise ValueError(f"Vocabulary {spec!r} has no synonyms: its dataset has no json file with categories.")
-    with open(json_file) as f:
-        categories = sorted(json.load(f).get("categories", []), key=lambda c: c["id"])
-    by_name = {c.get("name"): c.get("synonyms") or [] for c in categories}
-    if not any(by_name.values()) or any(n not in by_name for n in names):
-        raise ValueError(f"Vocabulary {spec!r} has no synonyms for its classes in {json_file}.")
-    return synonym_groups(names, [by_name[n] for n in names])
-
-
-def parse_vocabulary(items: Sequence, source: str) -> Tuple[List[str], Optional[List[List[str]]]]:
-    """Names and synonym groups (None if no item has synonyms) from a list of class entries.
-
-    An entry is a name, or a list whose first element is the name and the others its synonyms.
-    """
-    names, groups = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            group = [item]
-        elif isinstance(item, (list, tuple)) and item and all(isinstance(s, str) for s in item):
-            group = list(item)
-        else:
-            raise ValueError(f"Class {i} of the vocabulary from {source} must be a name or a non-empty "
-                             f"list of names (name first, then synonyms), not {item!r}.")
-        names.append(group[0])
-        groups.append(synonym_groups([group[0]], [group[1:]])[0])
-    names = check_vocabulary(names, source)
-    return names, (groups if any(len(g) > 1 for g in groups) else None)
-
-
-def read_vocabulary_file(path: str) -> Tuple[List[str], Optional[List[List[str]]]]:
-    """Class names and synonym groups (or None) from a vocabulary file.
-
-    Text: one class per line, ``name | synonym | ...``; blank lines and ``#`` comments are skipped.
-    JSON: a list of names or of [name, synonym, ...] lists; a {name: [synonyms]} dict; or a
-    COCO/LVIS-style dict with "categories" (ordered by id; their "synonyms" are used).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Vocabulary file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"Cannot read the vocabulary file {path}: {e}") from e
-    if path.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Vocabulary file {path} is not valid JSON: {e}") from e
-        if isinstance(data, dict) and "categories" in data:
-            cats = sorted(data["categories"], key=lambda c: c["id"])
-            data = [[c["name"], *(c.get("synonyms") or [])] for c in cats]
-        elif isinstance(data, dict):
-            data = [[k, *(v if isinstance(v, list) else [v])] for k, v in data.items()]
-        if not isinstance(data, list):
-            raise ValueError(f"Vocabulary file {path} must hold a list, a dict of synonyms or categories.")
-        return parse_vocabulary(data, f"file {path}")
-    items = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            items.append(split_synonyms(line))
-    return parse_vocabulary(items, f"file {path}")
-
-
-def split_synonyms(entry: str) -> List[str]:
-    """A class entry of a text vocabulary, ``name | synonym | ...``: the name, then its synonyms."""
-    return [s.strip() for s in entry.split("|") if s.strip()]
 
 
 def clip_fingerprint(clip_model: torch.nn.Module) -> str:
@@ -275,7 +141,9 @@ def load_embedding_file(path: str, fingerprint: Optional[str] = None, require_ch
     (the cache, which can recompute) it is refused; otherwise it is read with a warning.
     """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path, path)  # tensors and plain data only: no code runs
+    except UnsafeFileError:
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"Text-embedding file not found: {path}") from None
     except Exception as e:
@@ -401,15 +269,3 @@ def cached_class_embeddings(
     except OSError as e:
         logger.warning(f"Could not write the text-embedding cache {path}: {e}")
     return emb
-
-
-def read_custom_vocabulary(value: str, config_names: Sequence[str] = (), source: str = "--custom-vocabulary"):
-    """What a `--custom-vocabulary` option (or another `source` of text) names: "" = the config's
-    CUSTOM_VOCABULARY, a file of names (see `read_vocabulary_file`), or "a,b,c" (each entry may list
-    synonyms as in a file, "a | a2, b"). Returns (names, synonym groups or None)."""
-    if not value:
-        return parse_vocabulary(list(config_names), "MODEL.REGIONSPOT.CUSTOM_VOCABULARY")
-    if os.path.isfile(value):
-        return read_vocabulary_file(value)
-    entries = [split_synonyms(s) for s in value.split(",")]
-    return parse_vocabulary([e for e in entries if e], source)

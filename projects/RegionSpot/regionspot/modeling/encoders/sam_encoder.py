@@ -19,12 +19,12 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
+from detectron2.config import configurable
 from torch import nn
 
-from ..config import check_regionspot_config
-from .region_encoder import RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
-from .region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: F401  (re-exported: tools/demo.py reads it here)
+from .region_encoder import REGION_ENCODER_REGISTRY, RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
 from .sam_attention import use_fused_attention
+from .seeding import RANDOM_INIT_SEED, seeded_random_init
 
 SAM_CHECKPOINT_URLS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -58,7 +58,6 @@ def build_tiny_sam(image_size: int = 256, dim: int = 32) -> Sam:
 
 
 SAM_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
-RANDOM_INIT_SEED = 0
 
 
 def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED) -> Sam:
@@ -72,8 +71,7 @@ def build_sam(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INIT_SEED)
         )
     # Random weights come from a fixed seed (without touching the global RNG), so every build and
     # every process gets the same "random" SAM: cached tokens, evaluation and DDP ranks agree.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_random_init(seed):
         sam = build_tiny_sam() if sam_type == "tiny" else sam_model_registry[sam_type](checkpoint=None)
     if checkpoint == "" and sam_type != "tiny":
         checkpoint = SAM_CHECKPOINT_URLS[sam_type]
@@ -114,22 +112,17 @@ class _PrecomputedSamPredictor(SamPredictor):
         self.is_image_set = True
 
 
-def build_sam_encoder(cfg) -> "SamRegionEncoder":
-    """The frozen SAM wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode):
-    a SamRegionEncoder, or for the SAM 2 types a Sam2RegionEncoder with the same methods."""
-    check_regionspot_config(cfg)
-    c = cfg.MODEL.REGIONSPOT
-    if c.SAM.TYPE.startswith("sam2"):
-        from .sam2_encoder import build_sam2_encoder  # optional package: imported on demand
-
-        return build_sam2_encoder(cfg)
-    sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
-    return SamRegionEncoder(sam, c.SAM.DECODE_CHUNK, c.SAM.FUSED_ATTENTION).eval()
-
-
+@REGION_ENCODER_REGISTRY.register()
 class SamRegionEncoder(RegionEncoderBase):
-    """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits)."""
+    """Wraps a frozen SAM: images -> embeddings, boxes -> (region tokens, low-res mask logits).
 
+    The segment_anything family: `SamRegionEncoder(cfg)` builds the SAM that
+    cfg.MODEL.REGIONSPOT.SAM describes."""
+
+    SAM_TYPES = SAM_TYPES
+    RANDOM_BY_DEFAULT_TYPES = ("tiny",)  # no official file: CHECKPOINT "" means random
+
+    @configurable
     def __init__(self, sam: Sam, decode_chunk: int = 0, fused_attention: bool = False):
         """
         Args:
@@ -146,6 +139,12 @@ class SamRegionEncoder(RegionEncoderBase):
         self._captured: List[torch.Tensor] = []
         self._capturing = False  # only our own decoder calls are read, not e.g. the auto generator's
         sam.mask_decoder.transformer.register_forward_hook(self._capture_tokens)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        c = cfg.MODEL.REGIONSPOT
+        sam = build_sam(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
+        return {"sam": sam, "decode_chunk": c.SAM.DECODE_CHUNK, "fused_attention": c.SAM.FUSED_ATTENTION}
 
     def _capture_tokens(self, module, inputs, outputs) -> None:
         # outputs = (tokens after the two-way transformer, image features); token 0 is the IoU

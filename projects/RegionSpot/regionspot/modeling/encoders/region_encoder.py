@@ -1,5 +1,6 @@
-"""What the SAM and SAM 2 region encoders share: decoder chunking, box decoding, mask pasting from
-the low-res logits, boxes of the automatic mask generator's records, and the checkpoint fit check.
+"""The base of every region encoder family (SAM, SAM 2, yours): the registry of families, and what
+they share: decoder chunking, box decoding, mask pasting from the low-res logits, boxes of the
+automatic mask generator's records, and the checkpoint fit check.
 
 Each encoder (`SamRegionEncoder`, `Sam2RegionEncoder`) names its own square input side
 (`image_size`), mask threshold, prompt decoding and full-size upsampling of mask logits; the
@@ -13,9 +14,20 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.utils.logger import log_first_n
+from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..utils.weights import load_weights_file
+from ...utils.weights import load_weights_file
+
+REGION_ENCODER_REGISTRY = Registry("REGION_ENCODER")
+REGION_ENCODER_REGISTRY.__doc__ = """
+Region encoder families (frozen SAM-like models), built by `build_sam_encoder(cfg)`.
+
+A registered class subclasses `RegionEncoderBase`, names in `SAM_TYPES` the
+MODEL.REGIONSPOT.SAM.TYPE values it builds (and in `RANDOM_BY_DEFAULT_TYPES` those whose
+SAM.CHECKPOINT "" means random weights: no official file), and is built as
+`cls(cfg)`: a detectron2 `@configurable` constructor whose `from_config(cls, cfg)` builds the model.
+"""
 
 # Why SAM's automatic mask generator may give an image no box at all, and what to change.
 SAM_AUTO_EMPTY_HINT = (
@@ -55,7 +67,7 @@ def boxes_of_mask_records(records: List[Dict], device: torch.device) -> torch.Te
     hint logged once when there are none."""
     if not records:
         log_first_n(logging.WARNING, SAM_AUTO_EMPTY_HINT + " (logged once)", n=1,
-                    name="regionspot.modeling.sam_encoder")
+                    name="regionspot.modeling.encoders.region_encoder")
     boxes = torch.tensor([r["bbox"] for r in records], dtype=torch.float32, device=device)
     boxes = boxes.view(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
@@ -66,7 +78,13 @@ class RegionEncoderBase(nn.Module):
     """A frozen SAM-like wrapper: region prompts -> (region tokens, low-res mask logits), and the
     low-res logits -> masks. Low-res logits cover the square S x S input frame (S = `image_size`)
     at S/4 per side; the resized image fills its top-left `input_size` corner (all of it when the
-    encoder squashes the image to the square, as SAM 2 does)."""
+    encoder squashes the image to the square, as SAM 2 does).
+
+    A family registered in `REGION_ENCODER_REGISTRY` sets these two class attributes.
+    """
+
+    SAM_TYPES: Tuple[str, ...] = ()  # the MODEL.REGIONSPOT.SAM.TYPE values the family builds
+    RANDOM_BY_DEFAULT_TYPES: Tuple[str, ...] = ()  # those of them whose CHECKPOINT "" means random
 
     def __init__(self, decode_chunk: int = 0):
         """

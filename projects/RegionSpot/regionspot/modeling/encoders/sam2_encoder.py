@@ -8,26 +8,38 @@ encoded and decoded as `SAM2ImagePredictor._predict(..., multimask_output=False)
 region token is the mask decoder's third output (`sam_tokens_out`: mask token 0, the one SAM 2
 also uses as its object pointer).
 
-This module imports `sam2` when it is imported; `build_sam_encoder` imports it only for the SAM 2
-types, so RegionSpot works without the package.
+The family registers itself when this module is imported, but imports `sam2` only when a SAM 2
+type is built (`import_sam2`), so RegionSpot works without the package.
 """
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from __future__ import annotations  # annotations name sam2's classes, imported on demand
+
+import functools
+from types import ModuleType
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from torch import nn
 
-from ..config import check_regionspot_config
-from ..utils.extras import require_extra
-from .region_encoder import RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
-from .sam_encoder import RANDOM_INIT_SEED
+from ...utils.extras import require_extra
+from .region_encoder import REGION_ENCODER_REGISTRY, RegionEncoderBase, boxes_of_mask_records, load_sam_checkpoint
+from .seeding import RANDOM_INIT_SEED, seeded_random_init
 
-require_extra("sam2.build_sam", "sam2", "SAM 2 (MODEL.REGIONSPOT.SAM.TYPE sam2.1_hiera_* or sam2_tiny)")
-from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator  # noqa: E402
-from sam2.build_sam import build_sam2  # noqa: E402
-from sam2.modeling.sam2_base import SAM2Base  # noqa: E402
-from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
-from sam2.utils.transforms import SAM2Transforms  # noqa: E402
+if TYPE_CHECKING:
+    from sam2.modeling.sam2_base import SAM2Base
+
+
+def import_sam2() -> ModuleType:
+    """The `sam2` package with the modules this family uses loaded, or MissingExtraError naming
+    the extra."""
+    require_extra("sam2.build_sam", "sam2", "SAM 2 (MODEL.REGIONSPOT.SAM.TYPE sam2.1_hiera_* or sam2_tiny)")
+    import sam2.automatic_mask_generator  # noqa: F401
+    import sam2.build_sam  # noqa: F401
+    import sam2.sam2_image_predictor  # noqa: F401
+    import sam2.utils.transforms  # noqa: F401
+
+    return sam2
 
 _URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 # SAM.TYPE -> (the sam2 package's model config, official checkpoint; "" = none: random weights).
@@ -84,24 +96,14 @@ def build_sam2_model(sam_type: str, checkpoint: str = "", seed: int = RANDOM_INI
                          f"{tuple(SAM2_MODELS)}.")
     config, official = SAM2_MODELS[sam_type]
     overrides = list(SAM2_TINY_OVERRIDES) if sam_type == "sam2_tiny" else []
+    build_sam2 = import_sam2().build_sam.build_sam2
     # Random weights from a fixed seed without touching the global RNG, as `build_sam` does.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_random_init(seed):
         model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
     checkpoint = checkpoint or official
     if checkpoint not in ("", "random"):
         load_sam_checkpoint(model, checkpoint, sam_type)
     return model
-
-
-def build_sam2_encoder(cfg) -> "Sam2RegionEncoder":
-    """The frozen SAM 2 wrapper described by cfg.MODEL.REGIONSPOT.SAM (on the CPU, in eval mode).
-    SAM.FUSED_ATTENTION concerns SAM's ViT only and is ignored (Hiera uses torch's fused
-    attention already)."""
-    check_regionspot_config(cfg)
-    c = cfg.MODEL.REGIONSPOT
-    model = build_sam2_model(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED)
-    return Sam2RegionEncoder(model, c.SAM.DECODE_CHUNK).eval()
 
 
 class Sam2Features(NamedTuple):
@@ -118,34 +120,49 @@ def _feature_sizes(model: SAM2Base) -> List[Tuple[int, int]]:
     return [(4 * e, 4 * e), (2 * e, 2 * e), (e, e)][-model.num_feature_levels:]
 
 
-class _PrecomputedSam2Predictor(SAM2ImagePredictor):
-    """SAM2ImagePredictor whose `set_image` installs features we already computed for the whole
-    image, so SAM 2's automatic mask generator does not run the image encoder again. Other images
-    (crops, with crop_n_layers > 0) are encoded as the package does, at this model's feature sizes
-    (the package's predictor assumes a 1024-pixel input)."""
+@functools.lru_cache(maxsize=None)
+def _precomputed_predictor_class() -> type:
+    """`_PrecomputedSam2Predictor`, defined on first use: it subclasses a class of the optional
+    `sam2` package."""
 
-    def __init__(self, model: SAM2Base, features: Sam2Features, original_size: Tuple[int, int], **kwargs):
-        super().__init__(model, **kwargs)
-        self._bb_feat_sizes = _feature_sizes(model)
-        self._precomputed, self._precomputed_hw = features, tuple(original_size)
+    class _PrecomputedSam2Predictor(import_sam2().sam2_image_predictor.SAM2ImagePredictor):
+        """SAM2ImagePredictor whose `set_image` installs features we already computed for the whole
+        image, so SAM 2's automatic mask generator does not run the image encoder again. Other images
+        (crops, with crop_n_layers > 0) are encoded as the package does, at this model's feature sizes
+        (the package's predictor assumes a 1024-pixel input)."""
 
-    def set_image(self, image) -> None:
-        if not isinstance(image, np.ndarray) or tuple(image.shape[:2]) != self._precomputed_hw:
-            return super().set_image(image)
-        self.reset_predictor()
-        self._orig_hw = [self._precomputed_hw]
-        self._features = {"image_embed": self._precomputed.image_embed[None],
-                          "high_res_feats": [f[None] for f in self._precomputed.high_res_feats]}
-        self._is_image_set = True
+        def __init__(self, model: SAM2Base, features: Sam2Features, original_size: Tuple[int, int], **kwargs):
+            super().__init__(model, **kwargs)
+            self._bb_feat_sizes = _feature_sizes(model)
+            self._precomputed, self._precomputed_hw = features, tuple(original_size)
+
+        def set_image(self, image) -> None:
+            if not isinstance(image, np.ndarray) or tuple(image.shape[:2]) != self._precomputed_hw:
+                return super().set_image(image)
+            self.reset_predictor()
+            self._orig_hw = [self._precomputed_hw]
+            self._features = {"image_embed": self._precomputed.image_embed[None],
+                              "high_res_feats": [f[None] for f in self._precomputed.high_res_feats]}
+            self._is_image_set = True
+
+    return _PrecomputedSam2Predictor
 
 
+@REGION_ENCODER_REGISTRY.register()
 class Sam2RegionEncoder(RegionEncoderBase):
     """Wraps a frozen SAM 2: images -> features, prompts -> (region tokens, low-res mask logits).
 
     SAM 2 squashes every image to its S x S input (no padding), so `preprocess` gives the input
-    size (S, S) and the shared mask pasting maps pixels with that.
+    size (S, S) and the shared mask pasting maps pixels with that. The SAM 2.1 family:
+    `Sam2RegionEncoder(cfg)` builds the model cfg.MODEL.REGIONSPOT.SAM describes
+    (SAM.FUSED_ATTENTION concerns SAM's ViT only and is ignored: Hiera uses torch's fused
+    attention already).
     """
 
+    SAM_TYPES = tuple(SAM2_MODELS)
+    RANDOM_BY_DEFAULT_TYPES = tuple(t for t, (_, url) in SAM2_MODELS.items() if not url)
+
+    @configurable
     def __init__(self, sam: SAM2Base, decode_chunk: int = 0):
         """
         Args:
@@ -155,7 +172,13 @@ class Sam2RegionEncoder(RegionEncoderBase):
         super().__init__(decode_chunk)
         self.sam = sam
         # The image predictor's transforms and mask threshold (its default, 0).
-        self.transforms = SAM2Transforms(resolution=sam.image_size, mask_threshold=0.0)
+        self.transforms = import_sam2().utils.transforms.SAM2Transforms(resolution=sam.image_size, mask_threshold=0.0)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        c = cfg.MODEL.REGIONSPOT
+        return {"sam": build_sam2_model(c.SAM.TYPE, c.SAM.CHECKPOINT, c.RANDOM_INIT_SEED),
+                "decode_chunk": c.SAM.DECODE_CHUNK}
 
     @property
     def image_size(self) -> int:
@@ -279,9 +302,9 @@ class Sam2RegionEncoder(RegionEncoderBase):
         `embedding` (from `encode_images`) instead of encoding it again. `input_size` is always
         (S, S) for SAM 2 and not needed."""
         rgb = image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
-        generator = SAM2AutomaticMaskGenerator(self.sam, **params)
+        generator = import_sam2().automatic_mask_generator.SAM2AutomaticMaskGenerator(self.sam, **params)
         own = generator.predictor._transforms  # keeps the generator's hole / sprinkle settings
-        generator.predictor = _PrecomputedSam2Predictor(
+        generator.predictor = _precomputed_predictor_class()(
             self.sam, embedding, rgb.shape[:2], mask_threshold=own.mask_threshold,
             max_hole_area=own.max_hole_area, max_sprinkle_area=own.max_sprinkle_area)
         return boxes_of_mask_records(generator.generate(rgb), embedding.image_embed.device)

@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 from clip.model import build_model as build_clip_from_state_dict
+from detectron2.config import configurable
 from torch import nn
 
-from ..config import check_regionspot_config
-from ..utils.weights import download, open_weights, resolve_weights
-from .text_embeddings import clip_fingerprint
+from ...utils.safe_load import UnsafeFileError, check_torchscript, torch_load
+from ...utils.weights import download, open_weights, resolve_weights
+from ..text_embeddings import clip_fingerprint
+from .seeding import RANDOM_INIT_SEED, seeded_random_init
+from .vision_language import VISION_LANGUAGE_ENCODER_REGISTRY, check_resize_mode, squash_to_square
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,15 +45,14 @@ def available_clip_models() -> Tuple[str, ...]:
     return tuple(sorted(set(clip.available_models()) | set(_RANDOM_ARCHS)))
 
 
-def _build_random_clip(name: str, seed: int = 0) -> CLIP:
+def _build_random_clip(name: str, seed: int = RANDOM_INIT_SEED) -> CLIP:
     """Random weights from a fixed seed (global RNG untouched): every build gets the same CLIP."""
     embed, res, vl, vw, patch, tw, th, tl = _RANDOM_ARCHS[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_random_init(seed):
         return CLIP(embed, res, vl, vw, patch, 77, 49408, tw, th, tl)
 
 
-def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: int = 0) -> CLIP:
+def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: int = RANDOM_INIT_SEED) -> CLIP:
     """Build frozen CLIP in fp32 on the CPU.
 
     Args:
@@ -81,22 +83,30 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
         # OpenAI's files are TorchScript archives; others are plain state dicts. (clip.load
         # reads both, but reuses one file handle for the second try and fails on plain files.)
         source = open_weights(local)
-        if _is_torchscript(source):
+        if _is_torchscript(source):  # code as well as weights: only OpenAI's released files (by SHA256)
+            check_torchscript(source, local, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", official_clip_sha256())
             state = torch.jit.load(source, map_location="cpu").state_dict()
         else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+            state = torch_load(source, local, "MODEL.REGIONSPOT.CLIP.CHECKPOINT")
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
         state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
         model = build_clip_from_state_dict(dict(state)).float()
         # build_model rounds to fp16 as OpenAI ships it; load again so fp32 files stay exact.
         model.load_state_dict(state)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"The CLIP checkpoint {local} (MODEL.REGIONSPOT.CLIP.CHECKPOINT) is corrupt, truncated or not an "
             f"OpenAI-format CLIP file ({type(e).__name__}: {e})."
         ) from e
     return model.eval()
+
+
+def official_clip_sha256() -> set:
+    """SHA256 checksums of OpenAI's released CLIP files (each is part of its download URL)."""
+    return {url.split("/")[-2] for url in clip.clip._MODELS.values()}
 
 
 def download_clip(name: str, download_root: str = "") -> str:
@@ -107,7 +117,7 @@ def download_clip(name: str, download_root: str = "") -> str:
     root = os.path.expanduser(download_root or "~/.cache/clip")
     target = os.path.join(root, os.path.basename(url))
     return download(url, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", f"CLIP {name} weights", target=target,
-                    sha256=url.split("/")[-2],
+                    sha256=url.split("/")[-2],  # clip.load then jit-loads only this checked file
                     hint=f" (OpenAI's {name} file, the model MODEL.REGIONSPOT.CLIP.NAME names), or put it at {target}")
 def _is_torchscript(source) -> bool:
     """Whether a weights file (path or bytes buffer) is a TorchScript archive (OpenAI's releases)
@@ -122,39 +132,16 @@ def _is_torchscript(source) -> bool:
             source.seek(0)
 
 
-def build_clip_encoder(cfg) -> "ClipImageTextEncoder":
-    """The frozen CLIP wrapper described by cfg.MODEL.REGIONSPOT.CLIP (on the CPU, in eval mode):
-    a ClipImageTextEncoder, or for BACKEND open_clip an OpenClipImageTextEncoder with the same
-    methods."""
-    check_regionspot_config(cfg)
-    c = cfg.MODEL.REGIONSPOT
-    if c.CLIP.BACKEND == "open_clip":
-        from .open_clip_encoder import build_open_clip_encoder  # optional package: imported on demand
-
-        return build_open_clip_encoder(cfg)
-    model = build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
-    return ClipImageTextEncoder(model, c.CLIP.INPUT_SIZE, c.CLIP.RESIZE_MODE, c.CLIP.ANTIALIAS).eval()
-
-
-CLIP_RESIZE_MODES = ("bilinear", "bicubic")
-
-
-def check_resize_mode(resize_mode: str) -> None:
-    if resize_mode not in CLIP_RESIZE_MODES:
-        raise ValueError(f"Unknown CLIP resize mode {resize_mode!r} (MODEL.REGIONSPOT.CLIP.RESIZE_MODE); "
-                         f"choose one of {CLIP_RESIZE_MODES}.")
-
-
-def squash_to_square(image: torch.Tensor, size: int, resize_mode: str, antialias: bool) -> torch.Tensor:
-    """(3, H, W) image -> (1, 3, size, size) float: the whole image squashed to CLIP's square, as
-    the original code feeds CLIP (for every backend; only the normalisation is the model's own)."""
-    return F.interpolate(image[None].float(), (size, size), mode=resize_mode, align_corners=False,
-                         antialias=antialias)
-
-
+@VISION_LANGUAGE_ENCODER_REGISTRY.register()
 class ClipImageTextEncoder(nn.Module):
-    """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings."""
+    """Wraps a frozen CLIP: images -> token maps (B, 1 + g*g, W), prompts -> text embeddings.
 
+    The `clip` package family (CLIP.BACKEND clip): `ClipImageTextEncoder(cfg)` builds the CLIP
+    cfg.MODEL.REGIONSPOT.CLIP describes."""
+
+    BACKEND = "clip"
+
+    @configurable
     def __init__(self, clip_model: CLIP, input_size: int = 224, resize_mode: str = "bilinear",
                  antialias: bool = False):
         """
@@ -178,6 +165,12 @@ class ClipImageTextEncoder(nn.Module):
                              f"multiple of its patch size {patch}.")
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        c = cfg.MODEL.REGIONSPOT
+        return {"clip_model": build_clip(c.CLIP.NAME, c.CLIP.CHECKPOINT, c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED),
+                "input_size": c.CLIP.INPUT_SIZE, "resize_mode": c.CLIP.RESIZE_MODE, "antialias": c.CLIP.ANTIALIAS}
 
     def compile_targets(self, autocast: bool = False) -> Tuple[nn.Module, ...]:
         """The module `compile_frozen` compiles: the image transformer."""

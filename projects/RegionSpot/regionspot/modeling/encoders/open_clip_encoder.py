@@ -28,16 +28,20 @@ import hashlib
 import inspect
 import logging
 import os
+import pickle
 import tempfile
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
 from torch import nn
 
-from ..utils.extras import require_extra
-from ..utils.weights import open_weights, resolve_weights
-from .clip_encoder import check_resize_mode, squash_to_square
+from ...utils.extras import require_extra
+from ...utils.safe_load import UnsafeFileError, torch_load
+from ...utils.weights import open_weights, resolve_weights
+from .seeding import RANDOM_INIT_SEED, seeded_random_init
+from .vision_language import VISION_LANGUAGE_ENCODER_REGISTRY, check_resize_mode, squash_to_square
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +119,7 @@ def _plain_weights_file(local: str) -> Iterator[str]:
 
 def _create(oc: ModuleType, arch: str, seed: int, **kwargs) -> nn.Module:
     """open_clip.create_model in fp32 on the CPU, random parts from `seed` (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_random_init(seed):
         # pretrained_text=False: never fetch a separate HF text tower's weights; full-model
         # weights (tag or file) hold the text tower.
         model = oc.create_model(arch, precision="fp32", device="cpu", pretrained_text=False, **kwargs)
@@ -130,7 +133,7 @@ def native_image_size(name: str) -> Tuple[int, int]:
 
 
 def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input_size: Optional[int] = None,
-                    download_root: str = "", seed: int = 0) -> nn.Module:
+                    download_root: str = "", seed: int = RANDOM_INIT_SEED) -> nn.Module:
     """Build a frozen open_clip model in fp32 on the CPU.
 
     Args:
@@ -185,7 +188,13 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
     # is reported with the file and the key, the original chained as the cause.
     try:
         with _plain_weights_file(local) as path:
-            return _create(oc, arch, seed, pretrained=path, force_preprocess_cfg=stats, **kwargs)
+            try:  # open_clip reads the file with torch.load(weights_only=True)
+                return _create(oc, arch, seed, pretrained=path, force_preprocess_cfg=stats, **kwargs)
+            except pickle.UnpicklingError:
+                torch_load(path, local, CHECKPOINT_KEY)  # a class it refused: say which, and where
+                raise
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"The open_clip checkpoint {local} ({CHECKPOINT_KEY}) is corrupt, truncated or not weights of the "
@@ -194,20 +203,17 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
         ) from e
 
 
-def build_open_clip_encoder(cfg) -> "OpenClipImageTextEncoder":
-    """The frozen open_clip wrapper described by cfg.MODEL.REGIONSPOT.CLIP (CPU, eval mode)."""
-    c = cfg.MODEL.REGIONSPOT
-    check_resize_mode(c.CLIP.RESIZE_MODE)  # before building a possibly large model
-    model = build_open_clip(c.CLIP.NAME, c.CLIP.PRETRAINED, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE,
-                            c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
-    return OpenClipImageTextEncoder(model, c.CLIP.NAME, c.CLIP.INPUT_SIZE, c.CLIP.RESIZE_MODE,
-                                    c.CLIP.ANTIALIAS).eval()
-
-
+@VISION_LANGUAGE_ENCODER_REGISTRY.register()
 class OpenClipImageTextEncoder(nn.Module):
     """Wraps a frozen open_clip model: images -> token maps (B, P + g*g, W), prompts -> text
-    embeddings; the interface of `ClipImageTextEncoder`."""
+    embeddings; the interface of `ClipImageTextEncoder`.
 
+    The open_clip family (CLIP.BACKEND open_clip): `OpenClipImageTextEncoder(cfg)` builds the
+    model cfg.MODEL.REGIONSPOT.CLIP describes."""
+
+    BACKEND = "open_clip"
+
+    @configurable
     def __init__(self, clip_model: nn.Module, name: str, input_size: int = 224, resize_mode: str = "bilinear",
                  antialias: bool = False):
         """
@@ -259,6 +265,15 @@ class OpenClipImageTextEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pre["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pre["std"]).view(1, 3, 1, 1) * 255, persistent=False)
         self._tokenizer = None
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        c = cfg.MODEL.REGIONSPOT
+        check_resize_mode(c.CLIP.RESIZE_MODE)  # before building a possibly large model
+        model = build_open_clip(c.CLIP.NAME, c.CLIP.PRETRAINED, c.CLIP.CHECKPOINT, c.CLIP.INPUT_SIZE,
+                                c.CLIP.DOWNLOAD_ROOT, c.RANDOM_INIT_SEED)
+        return {"clip_model": model, "name": c.CLIP.NAME, "input_size": c.CLIP.INPUT_SIZE,
+                "resize_mode": c.CLIP.RESIZE_MODE, "antialias": c.CLIP.ANTIALIAS}
 
     def compile_targets(self, autocast: bool = False) -> Tuple[nn.Module, ...]:
         """The modules `compile_frozen` compiles: the image tower's transformer blocks, one by one.
