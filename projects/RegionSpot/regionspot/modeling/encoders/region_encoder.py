@@ -216,11 +216,13 @@ class RegionEncoderBase(nn.Module):
             cols = [(input_size[1] * w / (self.image_size * W), W)]
         else:
             rows, cols = self._upsample_stages(input_size, original_size)
-        y0, y1 = _reach(active.any(dim=2), rows)
-        x0, x1 = _reach(active.any(dim=1), cols)
+        # (N, n) flags are small: the reach is computed on the host, in float64 (which not every
+        # accelerator has).
+        y0, y1 = _reach(active.any(dim=2).cpu(), rows)
+        x0, x1 = _reach(active.any(dim=1).cpu(), cols)
         empty = (y1 <= y0) | (x1 <= x0)
         windows = torch.stack([y0, y1, x0, x1], dim=1)
-        return torch.where(empty[:, None], torch.zeros_like(windows), windows)
+        return torch.where(empty[:, None], torch.zeros_like(windows), windows).to(low_res.device)
 
     def _paste_windows(self, low_res: torch.Tensor, windows: torch.Tensor, input_size: Tuple[int, int],
                        original_size: Tuple[int, int], out: torch.Tensor) -> None:
