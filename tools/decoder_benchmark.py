@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                     best = {m: min(best[m], spent[m]) for m in best}
                 same = "" if torch.equal(torch.cat(tokens[True]), torch.cat(tokens[False])) else " (TOKENS DIFFER)"
                 print(f"| {sam_type} | {n} | {best[True]:.2f} | {best[False]:.2f} | "
-                      f"{(1 - best[False] / best[True]) * 100:.0f}%{same} |", flush=True)
+                      f"{(1 - best[False] / max(best[True], 1e-9)) * 100:.0f}%{same} |", flush=True)
     return 0
 
 
