@@ -18,7 +18,10 @@ an LVIS-format set of --num-classes classes, through detectron2's test loader (-
 processes, --batch images per forward), the model, and LVISEvaluator.process (RLE encoding of the
 kept masks, detections to JSON), after --warmup batches. That is the per-image cost of an
 `--eval-only` run; the final LVIS evaluation (once per run) is timed apart with --evaluate.
---pipeline-seconds bounds the timed part, for a measurement that must fit a time budget.
+--pipeline-seconds bounds the timed part, for a measurement that must fit a time budget. Its
+"masks" is the mask pasting and "rle" the RLE encoding inside the evaluator's process. Random SAM
+weights give masks over about two thirds of the image; --box-masks makes each box's low-res logits
+box-shaped instead (positive inside the box), like a trained SAM's mask of the prompted object.
 
 --lvis-eval-size N measures the final evaluation alone at LVIS scale: a synthetic LVIS-like results
 set of N images (19809 = LVIS v1 val) with 300 detections each, masks as RLE (made once, cached
@@ -99,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-seconds", type=float, default=0.0, metavar="S",
                    help="--pipeline: stop after S timed seconds (0 = time all N images)")
     p.add_argument("--evaluate", action="store_true", help="--pipeline: also time the final LVIS evaluation")
+    p.add_argument("--box-masks", action="store_true",
+                   help="--pipeline: box-shaped low-res mask logits (SAM types), like trained SAM's masks")
     p.add_argument("--roofline", action="store_true",
                    help="also report FLOPs per image and the distance to the measured matmul rate")
     p.add_argument("--json", default="", help="append the result as a JSON line to this file")
@@ -304,7 +309,13 @@ def pipeline(args) -> dict:
     loader = RegionSpotTrainer.build_test_loader(cfg, name)
     evaluator = build_regionspot_evaluator(cfg, name, os.path.join(args.pipeline_root, "eval"))
     evaluator.reset()
+    if args.box_masks:
+        box_shaped_masks(model.sam_encoder)
     timer = StageTimer(model)
+    import regionspot.evaluation as evaluation
+    encode_masks = getattr(evaluation, "encode_masks", None)
+    if encode_masks is not None:  # the evaluator's RLE encoding, timed apart (restored below)
+        evaluation.encode_masks = timer._timed("rle", encode_masks)
     spent, timed, start = defaultdict(float), 0, None
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -327,12 +338,14 @@ def pipeline(args) -> dict:
             previous = done
             if start is not None and args.pipeline_seconds and done - start >= args.pipeline_seconds:
                 break
+    if encode_masks is not None:
+        evaluation.encode_masks = encode_masks
     if not timed:
         raise SystemExit(f"--pipeline {args.pipeline} images in batches of {args.batch} leave nothing to time "
                          f"after --warmup {args.warmup} batches.")
     wall = previous - start
     per_image = {k: v / timed for k, v in spent.items()}
-    per_image.update({k: timer.times[k] / timed for k in STAGES})
+    per_image.update({k: timer.times[k] / timed for k in (*STAGES, "rle")})
     per_image["total"] = wall / timed
     out = {"images_timed": timed, "images_per_s": timed / wall, "per_image_s": per_image,
            "peak_gb": peak_memory_gb(args.device), "warmup_s": start - begin}
@@ -350,6 +363,27 @@ def pipeline(args) -> dict:
         out["evaluate_s"] = time.perf_counter() - t0
         print(f"final LVIS evaluation of {args.pipeline} images: {out['evaluate_s']:.1f} s", flush=True)
     return out
+
+
+def box_shaped_masks(enc) -> None:
+    """--box-masks: `enc.decode_prompts` gives, per box, low-res logits of the box's shape (their
+    own magnitude plus 0.5, positive inside the box and negative outside)."""
+    if not hasattr(enc, "transform"):
+        raise SystemExit("--box-masks supports the SAM types (not SAM 2).")
+    decode = enc.decode_prompts
+
+    def box_shaped(embedding, original_size, boxes=None, **kwargs):
+        tokens, low = decode(embedding, original_size, boxes=boxes, **kwargs)
+        if low is None or boxes is None:
+            return tokens, low
+        b = enc.transform.apply_boxes_torch(boxes.float(), original_size) / 4  # in low-res cells
+        c = torch.arange(low.shape[-1], device=low.device) + 0.5
+        rows = (c >= b[:, 1, None]) & (c < b[:, 3, None])
+        cols = (c >= b[:, 0, None]) & (c < b[:, 2, None])
+        magnitude = low.abs() + 0.5
+        return tokens, torch.where((rows[:, :, None] & cols[:, None, :])[:, None], magnitude, -magnitude)
+
+    enc.decode_prompts = box_shaped
 
 
 def count_flops(model, x) -> dict:

@@ -95,3 +95,23 @@ def test_lvis_eval_size_measures_both_routes_and_they_agree(tmp_path):
     assert all(r["peak_rss_gb"] > 0.1 for r in (a, b, record["new"]))
     # The set is made once: a second run finds it.
     assert (tmp_path / "sets" / "n60-d30-v0.5" / "complete").is_file()
+
+
+def test_pipeline_box_masks_are_box_shaped_and_rle_is_timed_inside_the_evaluator(tmp_path):
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    args = benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu", "--pipeline", "3",
+                                 "--workers", "0", "--boxes", "4", "--num-classes", "5", "--image-size", "200x150",
+                                 "--pipeline-root", str(tmp_path), "--box-masks", "--evaluate"])
+    t = benchmark.pipeline(args)["per_image_s"]
+    assert 0 < t["rle"] <= t["evaluator_process"]
+    with open(tmp_path / "eval" / "lvis_instances_results.json") as f:
+        dets = json.load(f)
+    assert dets
+    for d in dets:  # each mask fills its box (up to the low-res grid's 4-pixel cells) and nothing else
+        m = mask_util.decode(d["segmentation"])
+        ys, xs = np.nonzero(m)
+        x, y, w, h = d["bbox"]
+        assert len(ys) and xs.min() >= x - 6 and xs.max() <= x + w + 6 and ys.min() >= y - 6 and ys.max() <= y + h + 6
+        assert m.sum() >= 0.5 * w * h

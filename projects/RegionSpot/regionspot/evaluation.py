@@ -7,10 +7,9 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, LVISEvaluator
@@ -20,6 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from .mask_rle import encode_masks
 from .modeling.vocabulary import BUILTIN_VOCABULARIES
 from .structures import IndexedMasks
 from . import evaluation_results as shards
@@ -40,25 +40,35 @@ def patch_lvis_for_numpy2() -> None:
 
 
 def instances_to_json(instances, img_id: int) -> List[dict]:
-    """Like detectron2's `instances_to_coco_json`, but a mask shared by several detections
-    (one box, several classes) is RLE-encoded once."""
+    """Like detectron2's `instances_to_coco_json` (the same records), with masks RLE-encoded by
+    `regionspot.mask_rle` on their own device, and a mask shared by several detections (one box,
+    several classes: `IndexedMasks`) encoded once, from its window when it has one."""
     masks = instances.get("pred_masks") if instances.has("pred_masks") else None
-    if not isinstance(masks, IndexedMasks) or len(instances) == 0:
-        return instances_to_coco_json(instances, img_id)
-    boxes = BoxMode.convert(instances.pred_boxes.tensor.numpy(), BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
-    used, index = masks.index.unique(return_inverse=True)  # masks no detection refers to are skipped
-    # pycocotools wants (H, W, N) in Fortran order, i.e. each mask column-major: that is the
-    # memory of a C-order (N, W, H) array, made by one transposing copy (2x faster than numpy's
-    # transpose + astype + asfortranarray; bool -> uint8 is a view).
-    fortran = masks.masks[used].transpose(1, 2).contiguous().numpy().view(np.uint8).transpose(2, 1, 0)
-    rles = mask_util.encode(fortran)
+    plain = isinstance(masks, torch.Tensor) and masks.dtype == torch.bool and masks.ndim == 3
+    if len(instances) == 0 or instances.has("pred_keypoints") or not (plain or isinstance(masks, IndexedMasks)):
+        return instances_to_coco_json(instances.to("cpu"), img_id)  # no masks, or soft ones: detectron2's way
+    boxes = instances.pred_boxes.tensor.detach().cpu().numpy()
+    boxes = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
+    if plain:
+        rles, index = encode_masks(masks), range(len(masks))
+    else:
+        rles, index = _encode_shared(masks)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("utf-8")
     return [
         {"image_id": img_id, "category_id": c, "bbox": b, "score": s, "segmentation": rles[i]}
-        for b, s, c, i in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist(),
-                              index.tolist())
+        for b, s, c, i in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist(), index)
     ]
+
+
+def _encode_shared(masks: IndexedMasks) -> Tuple[List[dict], List[int]]:
+    """RLEs of the unique masks some detection refers to, and each detection's RLE index."""
+    used, index = masks.index.unique(return_inverse=True)
+    unique, windows = masks.masks, masks.windows
+    if used.numel() != unique.shape[0]:  # skip the masks no detection refers to
+        unique = unique[used.to(unique.device)]
+        windows = None if windows is None else windows[used.to(windows.device)]
+    return encode_masks(unique, windows), index.tolist()
 
 
 def category_ids(spec: Optional[str], num_classes: int) -> List[int]:
@@ -141,7 +151,8 @@ class _StreamedEvaluation:
         for inp, out in zip(inputs, outputs):
             if "instances" not in out:
                 continue
-            records = instances_to_json(out["instances"].to(self._cpu_device), inp["image_id"])
+            # Masks are RLE-encoded where they are (instances_to_json): only counts and numbers reach the host.
+            records = instances_to_json(out["instances"], inp["image_id"])
             ids = self._to_dataset_id
             for rec in records:
                 c = rec["category_id"]

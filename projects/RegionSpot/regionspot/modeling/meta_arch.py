@@ -101,7 +101,7 @@ class RegionSpot(RegionPipeline):
                 tokens.append(x["sam_tokens"].to(self.device).float())
             else:
                 boxes = x["instances"].gt_boxes.tensor.to(self.device)
-                tokens.append(self.decode_regions(sam_emb[i], tuple(images[i].shape[-2:]), boxes=boxes)[0])
+                tokens.append(self.decode_regions(sam_emb[i], tuple(images[i].shape[-2:]), boxes=boxes, masks=False)[0])
         classes = [x["instances"].gt_classes for x in batched_inputs]
         vocabularies = [x.get("vocabulary") for x in batched_inputs]
         return {"loss_focal": self.region_losses(tokens, clip_tokens, classes, vocabularies)}
