@@ -72,7 +72,7 @@ setup(
         "web": ["gradio==6.31.0"],
         # tools/export_onnx.py and the onnxruntime predictor (regionspot_deploy, which needs no torch).
         "deploy": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
-        # faster-coco-eval: a faster LVIS / COCO evaluator.
+        # The fast C++ evaluation engine (regionspot/fast_eval.py); without it lvis/pycocotools run.
         "fasteval": ["faster-coco-eval==1.8.0"],
     },
 )

@@ -9,6 +9,10 @@
 "lvis_eval/RegionSpot-BL_lvis-val_glip-t-boxes.yaml", from any directory. Your own COCO/LVIS-format
 data: MODEL.REGIONSPOT.REGISTER_DATASETS (see regionspot/config.py).
 
+With --eval-only, --resume continues an interrupted evaluation in the same OUTPUT_DIR: the images
+whose results are already on disk are skipped (docs/EVALUATION_AT_SCALE.md). The weights are
+MODEL.WEIGHTS either way.
+
 The console shows warnings, a training progress bar and the evaluation results; detectron2's full
 log (config, model, metrics, tables) goes to OUTPUT_DIR/log.txt. --verbose prints it all.
 """
@@ -29,7 +33,9 @@ from regionspot.engine.trainer import RegionSpotTrainer as Trainer
 def setup(args):
     # default_setup reads args.config_file again to log it, so keep the resolved path there.
     args.config_file = resolve_config_file(args.config_file)
-    cfg = get_regionspot_cfg(args.config_file, args.opts, freeze=True)
+    # --eval-only --resume continues an interrupted evaluation (docs/EVALUATION_AT_SCALE.md).
+    opts = list(args.opts) + (["MODEL.REGIONSPOT.EVAL.RESUME", "True"] if args.eval_only and args.resume else [])
+    cfg = get_regionspot_cfg(args.config_file, opts, freeze=True)
     setup_run_logging(cfg.OUTPUT_DIR, getattr(args, "verbose", False))
     default_setup(cfg, args)  # setup_run_logging already gave our logger the console and log.txt
     return cfg
@@ -43,9 +49,10 @@ def main(args):
         if cfg.TEST.AUG.ENABLED:
             raise NotImplementedError("TEST.AUG: test-time augmentation is not supported by RegionSpot.")
         model = Trainer.build_model(cfg)
+        # The weights are MODEL.WEIGHTS, also with --resume (which here resumes the evaluation).
         RegionSpotCheckpointer(
             model, save_dir=cfg.OUTPUT_DIR, allow_random_head=cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD
-        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         res = Trainer.test(cfg, model)
         verify_results(cfg, res)
         print_results(res, cfg.OUTPUT_DIR)

@@ -18,7 +18,20 @@ an LVIS-format set of --num-classes classes, through detectron2's test loader (-
 processes, --batch images per forward), the model, and LVISEvaluator.process (RLE encoding of the
 kept masks, detections to JSON), after --warmup batches. That is the per-image cost of an
 `--eval-only` run; the final LVIS evaluation (once per run) is timed apart with --evaluate.
---pipeline-seconds bounds the timed part, for a measurement that must fit a time budget.
+--pipeline-seconds bounds the timed part, for a measurement that must fit a time budget. Its
+"masks" is the mask pasting and "rle" the RLE encoding inside the evaluator's process. Random SAM
+weights give masks over about two thirds of the image; --box-masks makes each box's low-res logits
+box-shaped instead (positive inside the box), like a trained SAM's mask of the prompted object.
+
+--lvis-eval-size N measures the final evaluation alone at LVIS scale: a synthetic LVIS-like results
+set of N images (19809 = LVIS v1 val) with 300 detections each, masks as RLE (made once, cached
+under --lvis-eval-root), evaluated bbox+segm by RegionSpot's route (results shards on disk,
+regionspot.fast_eval by chunks of categories) at N, and by detectron2's LVISEvaluator with the
+`lvis` package on an in-memory list at each --lvis-eval-baseline size, extrapolated linearly to
+N. Each measurement runs in its own process (its peak RSS is its own). The figures of both
+routes at the first baseline size must agree to 1e-6.
+
+    python tools/benchmark.py --lvis-eval-size 19809 --lvis-eval-baseline 1000,2000
 
 --roofline counts the FLOPs of one image through the SAM encoder, the mask decoder (--boxes
 boxes) and the CLIP image tower (torch's FlopCounterMode, attention through its math kernel so
@@ -36,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from typing import Tuple
 
 import numpy as np
 from PIL import Image
@@ -88,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-seconds", type=float, default=0.0, metavar="S",
                    help="--pipeline: stop after S timed seconds (0 = time all N images)")
     p.add_argument("--evaluate", action="store_true", help="--pipeline: also time the final LVIS evaluation")
+    p.add_argument("--box-masks", action="store_true",
+                   help="--pipeline: box-shaped low-res mask logits (SAM types), like trained SAM's masks")
     p.add_argument("--roofline", action="store_true",
                    help="also report FLOPs per image and the distance to the measured matmul rate")
     p.add_argument("--json", default="", help="append the result as a JSON line to this file")
@@ -95,6 +111,7 @@ def parse_args(argv=None):
                    help="instead: time building the model and VOCABULARY's text embeddings, cold "
                         "(encoding, filling the cache) then warm (from the cache)")
     p.add_argument("--templates", default="ensemble", help="template set for --startup")
+    add_lvis_eval_args(p)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                    help="config overrides KEY VALUE ..., e.g. MODEL.REGIONSPOT.SAM.FUSED_ATTENTION False")
     return p.parse_args(argv)
@@ -292,7 +309,13 @@ def pipeline(args) -> dict:
     loader = RegionSpotTrainer.build_test_loader(cfg, name)
     evaluator = build_regionspot_evaluator(cfg, name, os.path.join(args.pipeline_root, "eval"))
     evaluator.reset()
+    if args.box_masks:
+        box_shaped_masks(model.sam_encoder)
     timer = StageTimer(model)
+    import regionspot.evaluation as evaluation
+    encode_masks = getattr(evaluation, "encode_masks", None)
+    if encode_masks is not None:  # the evaluator's RLE encoding, timed apart (restored below)
+        evaluation.encode_masks = timer._timed("rle", encode_masks)
     spent, timed, start = defaultdict(float), 0, None
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -315,12 +338,14 @@ def pipeline(args) -> dict:
             previous = done
             if start is not None and args.pipeline_seconds and done - start >= args.pipeline_seconds:
                 break
+    if encode_masks is not None:
+        evaluation.encode_masks = encode_masks
     if not timed:
         raise SystemExit(f"--pipeline {args.pipeline} images in batches of {args.batch} leave nothing to time "
                          f"after --warmup {args.warmup} batches.")
     wall = previous - start
     per_image = {k: v / timed for k, v in spent.items()}
-    per_image.update({k: timer.times[k] / timed for k in STAGES})
+    per_image.update({k: timer.times[k] / timed for k in (*STAGES, "rle")})
     per_image["total"] = wall / timed
     out = {"images_timed": timed, "images_per_s": timed / wall, "per_image_s": per_image,
            "peak_gb": peak_memory_gb(args.device), "warmup_s": start - begin}
@@ -338,6 +363,27 @@ def pipeline(args) -> dict:
         out["evaluate_s"] = time.perf_counter() - t0
         print(f"final LVIS evaluation of {args.pipeline} images: {out['evaluate_s']:.1f} s", flush=True)
     return out
+
+
+def box_shaped_masks(enc) -> None:
+    """--box-masks: `enc.decode_prompts` gives, per box, low-res logits of the box's shape (their
+    own magnitude plus 0.5, positive inside the box and negative outside)."""
+    if not hasattr(enc, "transform"):
+        raise SystemExit("--box-masks supports the SAM types (not SAM 2).")
+    decode = enc.decode_prompts
+
+    def box_shaped(embedding, original_size, boxes=None, **kwargs):
+        tokens, low = decode(embedding, original_size, boxes=boxes, **kwargs)
+        if low is None or boxes is None:
+            return tokens, low
+        b = enc.transform.apply_boxes_torch(boxes.float(), original_size) / 4  # in low-res cells
+        c = torch.arange(low.shape[-1], device=low.device) + 0.5
+        rows = (c >= b[:, 1, None]) & (c < b[:, 3, None])
+        cols = (c >= b[:, 0, None]) & (c < b[:, 2, None])
+        magnitude = low.abs() + 0.5
+        return tokens, torch.where((rows[:, :, None] & cols[:, None, :])[:, None], magnitude, -magnitude)
+
+    enc.decode_prompts = box_shaped
 
 
 def count_flops(model, x) -> dict:
@@ -454,6 +500,10 @@ def fmt_row(label, t, mem) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.lvis_eval_child:
+        return lvis_eval_child(args)
+    if args.lvis_eval_size:
+        return lvis_eval(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.startup or args.pipeline:
@@ -519,6 +569,189 @@ def main(argv=None) -> int:
         print(f"OK: peak RSS {peak:.2f} GB within {args.max_rss_gb} GB", flush=True)
     return 0
 
+
+
+# ------------------------------------------------------------------------------ --lvis-eval-size
+LVIS_EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def add_lvis_eval_args(p) -> None:
+    g = p.add_argument_group("final evaluation at LVIS scale")
+    g.add_argument("--lvis-eval-size", type=int, default=0, metavar="N",
+                   help="measure the final LVIS evaluation of N synthetic images (19809 = LVIS val)")
+    g.add_argument("--lvis-eval-baseline", default="1000,2000", metavar="N1,N2",
+                   help="sizes at which detectron2's in-memory route is measured and extrapolated ('' = none)")
+    g.add_argument("--lvis-eval-engine", default="auto", help="regionspot.fast_eval engine")
+    g.add_argument("--lvis-eval-root", default=os.path.join(tempfile.gettempdir(), "regionspot_lvis_eval"),
+                   help="cache of the synthetic sets")
+    g.add_argument("--lvis-eval-dets", type=int, default=300, help="detections per image")
+    g.add_argument("--lvis-eval-verified", type=float, default=0.5,
+                   help="share of the detections of a class the image is verified for (in its ground "
+                        "truth or neg_category_ids); the others name any class")
+    g.add_argument("--lvis-eval-child", default="", help=argparse.SUPPRESS)  # ROUTE,N: one measurement
+
+
+def lvis_eval_folder(args) -> str:
+    return os.path.join(args.lvis_eval_root, f"n{args.lvis_eval_size}-d{args.lvis_eval_dets}-v{args.lvis_eval_verified}")
+
+
+def make_lvis_eval_set(args) -> str:
+    """The synthetic set of --lvis-eval-size images: ground truth and results shards (as an
+    evaluation run leaves them), made once; returns its folder."""
+    from regionspot.data.synthetic_results import make_set
+    from regionspot.evaluation_results import ShardWriter, results_folder
+
+    folder = lvis_eval_folder(args)
+    done = os.path.join(folder, "complete")
+    if os.path.isfile(done):
+        return folder
+    n = args.lvis_eval_size
+    print(f"Making a synthetic LVIS-like set of {n} images, {args.lvis_eval_dets} detections each, in {folder} "
+          "(once) ...", flush=True)
+    os.makedirs(folder, exist_ok=True)
+    # Several classes per box, sharing its mask, as RegionSpot's top-300 (box, class) pairs do.
+    gt, detections = make_set(n, dets_per_image=args.lvis_eval_dets, boxes_per_image=max(1, args.lvis_eval_dets // 3),
+                              verified_fraction=args.lvis_eval_verified)
+    with open(os.path.join(folder, "gt.json"), "w") as f:
+        json.dump(gt, f)
+    writer = ShardWriter(results_folder(os.path.join(folder, "full")), 0, images_per_shard=500,
+                         seconds_per_shard=float("inf"))
+    start = time.perf_counter()
+    for i, records in enumerate(detections):
+        writer.add(records[0]["image_id"], records)
+        if (i + 1) % 1000 == 0:
+            print(f"  {i + 1}/{n} images ({time.perf_counter() - start:.0f} s)", flush=True)
+    writer.close()
+    open(done, "w").close()
+    return folder
+
+
+def _lvis_eval_subset(folder: str, n: int, total: int) -> Tuple[str, str]:
+    """(ground-truth file, output folder with its results shards) of the first n images."""
+    from regionspot.evaluation_results import ShardWriter, iter_lines, results_folder
+
+    if n == total:
+        return os.path.join(folder, "gt.json"), os.path.join(folder, "full")
+    sub = os.path.join(folder, f"first{n}")
+    gt_file = os.path.join(sub, "gt.json")
+    if not os.path.isfile(gt_file):
+        with open(os.path.join(folder, "gt.json")) as f:
+            gt = json.load(f)
+        gt["images"] = [im for im in gt["images"] if im["id"] <= n]
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] <= n]
+        writer = ShardWriter(results_folder(sub), 0, images_per_shard=500, seconds_per_shard=float("inf"))
+        for image_id, line in iter_lines(results_folder(os.path.join(folder, "full"))):
+            if image_id <= n:
+                writer.add(image_id, json.loads(line)["instances"])
+        writer.close()
+        with open(gt_file + ".tmp", "w") as f:
+            json.dump(gt, f)
+        os.replace(gt_file + ".tmp", gt_file)
+    return gt_file, sub
+
+
+def lvis_eval_child(args) -> int:
+    """One measurement, in its own process: ROUTE ("new" or "old") at N images; prints a JSON line."""
+    import contextlib
+    import io
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import LVISEvaluator
+    from regionspot.evaluation import RegionSpotLVISEvaluator, patch_lvis_for_numpy2
+    from regionspot.evaluation_results import iter_lines, results_folder
+
+    route, n = args.lvis_eval_child.split(",")
+    n = int(n)
+    folder = lvis_eval_folder(args)
+    gt_file, out = _lvis_eval_subset(folder, n, args.lvis_eval_size)
+    name = f"regionspot_bench_lvis_eval_{n}"
+    MetadataCatalog.get(name).set(json_file=gt_file, evaluator_type="lvis")
+    patch_lvis_for_numpy2()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with contextlib.redirect_stdout(io.StringIO()):
+        if route == "new":
+            start = time.perf_counter()
+            ev = RegionSpotLVISEvaluator(name, ("bbox", "segm"), True, out, max_dets_per_image=300, resume=True,
+                                         engine=args.lvis_eval_engine)
+            ev.reset()  # resume: keeps the shards
+            res = ev.evaluate()
+            seconds = time.perf_counter() - start
+        else:
+            ev = LVISEvaluator(name, ("bbox", "segm"), True, None, max_dets_per_image=300)
+            ev.reset()
+            for _, line in iter_lines(results_folder(out)):  # what process() would have gathered
+                rec = json.loads(line)
+                for r in rec["instances"]:
+                    r["category_id"] -= 1  # contiguous, as the evaluator gets them
+                ev._predictions.append(rec)
+            start = time.perf_counter()
+            res = ev.evaluate()
+            seconds = time.perf_counter() - start
+    # The route's processes together: this one and the task process it forks (an upper bound: their
+    # peaks need not coincide, and pages they share count twice).
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    forked = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    cpu = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))  # CPU seconds of the whole process, imports included
+    print(json.dumps({"route": route, "images": n, "seconds": seconds, "cpu_s": cpu, "peak_rss_gb": own + forked,
+                      "peak_rss_main_gb": own, "peak_rss_forked_gb": forked, "rss_before_gb": rss_before,
+                      "metrics": res}), flush=True)
+    return 0
+
+
+def _lvis_eval_run(args, route: str, n: int) -> dict:
+    import subprocess
+
+    argv = [sys.executable, os.path.abspath(__file__), "--lvis-eval-child", f"{route},{n}",
+            "--lvis-eval-size", str(args.lvis_eval_size), "--lvis-eval-root", args.lvis_eval_root,
+            "--lvis-eval-dets", str(args.lvis_eval_dets), "--lvis-eval-verified", str(args.lvis_eval_verified),
+            "--lvis-eval-engine", args.lvis_eval_engine]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"--lvis-eval-size: the {route} route at {n} images failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {'RegionSpot (shards + fast_eval)' if route == 'new' else 'detectron2 LVISEvaluator (in memory)'}"
+          f", {n} images: {out['seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB "
+          f"({out['cpu_s']:.0f} CPU s in the process, start-up included)", flush=True)
+    return out
+
+
+def lvis_eval(args) -> int:
+    """--lvis-eval-size: the final evaluation's time and peak RSS, both routes (see the docstring)."""
+    from regionspot.fast_eval import resolve_engine
+
+    folder = make_lvis_eval_set(args)
+    n = args.lvis_eval_size
+    sizes = [int(x) for x in args.lvis_eval_baseline.split(",") if x.strip()]
+    if any(s > n for s in sizes):
+        raise SystemExit(f"--lvis-eval-baseline sizes {sizes} must be at most --lvis-eval-size {n}.")
+    print(f"Final LVIS evaluation (bbox + segm) of {args.lvis_eval_dets} detections an image, engine "
+          f"{resolve_engine(args.lvis_eval_engine)}; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    record = {"images": n, "dets_per_image": args.lvis_eval_dets, "baseline": [], "cpus": os.cpu_count()}
+    for s in sizes:
+        record["baseline"].append(_lvis_eval_run(args, "old", s))
+    if sizes:  # the same figures as the lvis package at the first baseline size
+        check = _lvis_eval_run(args, "new", sizes[0])
+        old = record["baseline"][0]["metrics"]
+        diff = max(abs(check["metrics"][t][m] - old[t][m]) for t in ("bbox", "segm") for m in LVIS_EVAL_METRICS)
+        record["check"] = {"images": sizes[0], "max_abs_diff": diff, "new": check}
+        print(f"  AP, AP50, AP75, APs/m/l, APr/c/f of both routes at {sizes[0]} images: max difference {diff:.2e}",
+              flush=True)
+    record["new"] = _lvis_eval_run(args, "new", n) if n not in sizes[:1] else record["check"]["new"]
+    if len(sizes) >= 2:
+        (a, ta, ra), (b, tb, rb) = [(r["images"], r["seconds"], r["peak_rss_gb"]) for r in record["baseline"][:2]]
+        t_n, r_n = ta + (tb - ta) * (n - a) / (b - a), ra + (rb - ra) * (n - a) / (b - a)
+        record["baseline_extrapolated"] = {"images": n, "seconds": t_n, "peak_rss_gb": r_n}
+        print(f"  detectron2 LVISEvaluator extrapolated to {n} images: {t_n / 60:.1f} min, peak RSS {r_n:.1f} GB",
+              flush=True)
+    new = record["new"]
+    print(f"RegionSpot route at {n} images: {new['seconds'] / 60:.2f} min, peak RSS {new['peak_rss_gb']:.2f} GB; "
+          f"bbox AP {new['metrics']['bbox']['AP']:.3f}, segm AP {new['metrics']['segm']['AP']:.3f}", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"lvis_eval": record}) + "\n")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,8 @@
     python tools/gpu_check.py OUTDIR [--dry-run] [--budget SECONDS]
 
 Each configuration of CONFIGS runs through tools/benchmark.py's --pipeline (test loader workers,
-model, LVISEvaluator.process) with --roofline, in this one process so that imports, synthetic
+model, the evaluator's per-image work: RLE of the kept masks and the results shards) with
+--roofline, those of EVALUATED also with --evaluate (the final evaluation of their detections), in this one process so that imports, synthetic
 images, FLOP counts and matmul rates are paid once. Configurations run most important first, each
 in its own try, and are skipped once the time budget (default 420 s on a GPU) cannot hold them;
 OUTDIR/gpu_check.json and OUTDIR/gpu_check.md are rewritten after every one, so a failure or a kill
@@ -44,6 +45,10 @@ CONFIGS = [
     (12, "", "", 8, 8),
 ]
 GPU_BUDGET_S = 420  # seconds for all configurations on a GPU, by default
+# Configurations that also run the final evaluation of their detections (benchmark --evaluate):
+# the 300-box path with masks as an --eval-only run has it, RLE of the kept masks on the device
+# included (the evaluator's per-image time), then the results shards evaluated by fast_eval.
+EVALUATED = {(300, "bf16", "", 8, 8)}
 # Seconds a configuration is expected to need on an H200 (build, warm-up, timed part); one that
 # does not fit in the budget left is skipped rather than cut short.
 NEEDS_S = {"": 45, "default": 150}
@@ -63,16 +68,19 @@ def plan(dry_run: bool):
     s = DRY if dry_run else GPU
     out = []
     for boxes, autocast, compile_mode, batch, workers in CONFIGS:
+        boxes_key, batch_key, workers_key = boxes, batch, workers
         images, boxes = s["images"][boxes], s["boxes"][boxes]
         if dry_run:
             batch, workers = min(batch, 2), min(workers, 1)
         label = (f"{boxes} boxes, {autocast or 'fp32'}, {'compiled' if compile_mode else 'eager'}, "
-                 f"batch {batch}, {workers} workers")
+                 f"batch {batch}, {workers} workers"
+                 + (", evaluated" if (boxes_key, autocast, compile_mode, batch_key, workers_key) in EVALUATED else ""))
         argv = ["--sam", s["sam"], "--clip", s["clip"], "--clip-size", "224", "--image-size", s["image_size"],
                 "--num-classes", str(s["num_classes"]), "--top-k", "300", "--boxes", str(boxes),
                 "--pipeline", str(images), "--batch", str(batch), "--workers", str(workers),
                 "--warmup", "2" if compile_mode and not dry_run else "1", "--pipeline-seconds", str(s["seconds"]),
                 "--roofline", "--autocast", autocast, "--device", "cpu" if dry_run else "cuda",
+                *(["--evaluate"] if (boxes_key, autocast, compile_mode, batch_key, workers_key) in EVALUATED else []),
                 "--opts", "MODEL.REGIONSPOT.COMPILE", compile_mode]
         out.append((label, compile_mode, argv))
     return out
@@ -87,12 +95,14 @@ def summary(label: str, entry: dict) -> str:
     return (f"[gpu_check] {label}: {r['images_per_s']:.2f} img/s; ms/img: {stages}, loader wait "
             f"{t['loader_wait']:.1f}, evaluator {t['evaluator_process']:.1f}, total {t['total']:.1f}; "
             f"{r['roofline']['total']['fraction'] * 100:.1f}% of the roofline; warm-up {r['warmup_s']:.1f} s, "
-            f"{entry['wall_s']:.0f} s in all")
+            + (f"final evaluation {r['evaluate_s']:.1f} s, " if "evaluate_s" in r else "")
+            + f"{entry['wall_s']:.0f} s in all")
 
 
 def markdown(record: dict) -> str:
     head = ["configuration", "img/s", *(f"{n} ms" for n in STAGE_NAMES.values()), "model rest ms", "loader wait ms",
-            "evaluator ms", "total ms", "roofline: SAM enc / decoder / CLIP / end to end", "warm-up s", "peak GB"]
+            "evaluator ms", "total ms", "roofline: SAM enc / decoder / CLIP / end to end", "warm-up s", "peak GB",
+            "final evaluation s"]
     lines = [f"Device: {record['device']}; torch {record['torch']}; {record['setup']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in record["configs"]:
@@ -105,7 +115,8 @@ def markdown(record: dict) -> str:
         share = " / ".join(f"{r['roofline'][k]['fraction'] * 100:.1f}%" for k in ("sam_encoder", "mask_decoder", "clip", "total"))
         cells = [c["label"], f"{r['images_per_s']:.2f}", *(f"{t[k]:.1f}" for k in STAGE_NAMES), f"{rest:.1f}",
                  f"{t['loader_wait']:.1f}", f"{t['evaluator_process']:.1f}", f"{t['total']:.1f}", share,
-                 f"{r['warmup_s']:.1f}", f"{r['peak_gb']:.2f}"]
+                 f"{r['warmup_s']:.1f}", f"{r['peak_gb']:.2f}",
+                 f"{r['evaluate_s']:.1f}" if "evaluate_s" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

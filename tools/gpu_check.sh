@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU speed check of the --eval-only path (tools/gpu_check.py: tools/benchmark.py --pipeline
-# --roofline at 12 and 300 boxes, bf16/fp32, eager/compiled, batch sizes, loader workers), in two
+# --roofline at 12 and 300 boxes, bf16/fp32, eager/compiled, batch sizes, loader workers; the
+# 300-box path with masks also --evaluate: RLE on the device, results shards, final evaluation), in two
 # steps for a GPU machine that has Python 3.12 and torch but no package index:
 #
 #   tools/gpu_check.sh prepare [--list]     # where pip reaches the registry: the wheels the GPU
@@ -26,6 +27,9 @@ PYVER="${GPU_PYTHON_VERSION:-3.12}"
 # PyYAML and setuptools<81 are carried in case its own are missing or lack pkg_resources (clip).
 BINARY=(segment-anything==1.0 lvis==0.5.3 yacs==0.1.8 termcolor==3.3.0 omegaconf==2.3.1
         hydra-core==1.3.8 ftfy==6.3.1 wcwidth==0.9.4 pycocotools==2.0.11 PyYAML==6.0.4 setuptools==80.10.2)
+# The fast evaluation engine (extra fasteval): a manylinux_2_28 wheel, installed apart and allowed
+# to fail (an older glibc): the evaluation then runs on the lvis package, with the same figures.
+OPTIONAL=(faster-coco-eval==1.8.0)
 # Published as sdists only (pure Python): built here into py3-none-any wheels.
 SDIST=(openai-clip==1.0.1 fvcore==0.1.5.post20221221 iopath==0.1.10 antlr4-python3-runtime==4.9.3)
 # detectron2 by tools/setup_env.sh's route: sal-detectron2's cp310 wheel, renamed py3-none-any
@@ -40,6 +44,7 @@ prepare() {
     printf '  wheel: %s\n' "${BINARY[@]}"
     printf '  built from sdist: %s\n' "${SDIST[@]}"
     echo "  renamed py3-none-any: $D2"
+    printf '  optional wheel: %s\n' "${OPTIONAL[@]}"
     return
   fi
   local py="${PYTHON:-$ROOT/.venv/bin/python}" tmp="$WHEELS.partial"
@@ -47,6 +52,9 @@ prepare() {
   rm -rf "$tmp" && mkdir -p "$tmp/built" "$tmp/d2"
   "$py" -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
       --python-version "$PYVER" -d "$tmp" "${BINARY[@]}"
+  mkdir -p "$tmp/optional"
+  "$py" -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+      --platform manylinux_2_28_x86_64 --python-version "$PYVER" -d "$tmp/optional" "${OPTIONAL[@]}"
   "$py" -m pip wheel --quiet --no-deps -w "$tmp/built" "${SDIST[@]}"
   for f in "$tmp"/built/*.whl; do
     case "$f" in *-py3-none-any.whl|*-py2.py3-none-any.whl) mv "$f" "$tmp/" ;; *) die "not pure Python: $f" ;; esac
@@ -73,6 +81,10 @@ run() {
     trap 'rm -rf "$TARGET"' EXIT
     if "$py" -m pip --version >/dev/null 2>&1; then
       "$py" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --target "$TARGET" "$WHEELS"/*.whl
+      if [ -d "$WHEELS/optional" ]; then
+        "$py" -m pip install --quiet --no-index --no-deps --disable-pip-version-check --target "$TARGET" \
+            "$WHEELS"/optional/*.whl || echo "gpu_check: faster-coco-eval not installed; the lvis package evaluates" >&2
+      fi
     else  # no pip: a wheel is a zip of the files to put on the path
       "$py" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$TARGET" "$WHEELS"/*.whl
     fi

@@ -21,7 +21,10 @@ coco, custom (MODEL.REGIONSPOT.CUSTOM_VOCABULARY), a registered dataset, a text-
 (.pth), or a file of names.
 
 The server binds 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is off
-unless asked for; Gradio's analytics are off. Exit code 2 for bad options or a model that cannot
+unless asked for; Gradio's analytics are off. It never opens a server path a visitor typed, unless
+it lies under an --allow-paths folder (links resolved): files come by upload. The Model panel is
+off unless --allow-model-change, and then loads shipped configs, and configs and checkpoints from
+those folders only (see docs/SECURITY.md). The temporary folder goes on exit, Ctrl-C and SIGTERM. Exit code 2 for bad options or a model that cannot
 be loaded at start; later problems (unreadable image, empty vocabulary, a box outside the image, a
 missing checkpoint in the Model panel) are messages in the page.
 """
@@ -30,11 +33,11 @@ import argparse
 import atexit
 import hashlib
 import html
-import ipaddress
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -52,6 +55,7 @@ from regionspot.config import get_regionspot_cfg  # noqa: E402
 from regionspot.data.images import read_image  # noqa: E402
 from regionspot.deploy import OnnxPredictorAdapter  # noqa: E402
 from regionspot.data.prompt_files import image_id_of  # noqa: E402
+from regionspot.demo.access import MODEL_CHANGE_OFF, PageAccess  # noqa: E402
 from regionspot.demo.errors import DemoError  # noqa: E402
 from regionspot.demo.examples import synthetic_examples  # noqa: E402
 from regionspot.demo.prompt_lines import (  # noqa: E402
@@ -92,7 +96,8 @@ class WebDemo:
     """The page's work, on one `RegionSpotPredictor` shared by all visitors (one at a time)."""
 
     def __init__(self, config_file: str = DEFAULT_CONFIG, weights: Optional[str] = None,
-                 opts: Sequence[str] = (), top_k: int = 3, onnx: str = ""):
+                 opts: Sequence[str] = (), top_k: int = 3, allow_paths: Sequence[str] = (),
+                 allow_model_change: bool = False, onnx: str = ""):
         """`onnx`: an exported folder (tools/export_onnx.py) to serve on onnxruntime instead of the
         config's model (`regionspot.deploy.OnnxPredictorAdapter`)."""
         self.lock = threading.RLock()
@@ -102,6 +107,8 @@ class WebDemo:
         atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
         self.predictor: Optional[RegionSpotPredictor] = None
         self.load_model(config_file, weights, opts)
+        # What visitors may make the server open (checked in the server for every request).
+        self.access = PageAccess(allow_paths, allow_model_change, self.config_file, self.cfg.MODEL.WEIGHTS)
 
     # ------------------------------------------------------------------ model
     def load_model(self, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = ()) -> str:
@@ -200,7 +207,8 @@ class WebDemo:
         with self.lock:
             rgb, _, encoded = self.set_image(path)
             timings = [encode_timing(encoded)]
-            vocab, id_spec = vocabulary_from_text(vocabulary, synonyms, self.cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY)
+            vocab, id_spec = vocabulary_from_text(vocabulary, synonyms, self.cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY,
+                                                  may_open=self.access.may_open)
             start = time.perf_counter()
             try:
                 names, _ = self.predictor.vocabulary_embeddings(vocab)
@@ -259,7 +267,7 @@ CSS = """
 """
 
 
-def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: bool = True) -> gr.Blocks:
+def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
     """The Gradio page. Its public API (gradio_client) has three endpoints, all taking the image
     file: /set_image(image), /predict(image, prompts, vocabulary, synonyms, top_k, threshold) and
     /segment_everything(image, vocabulary, synonyms, top_k, threshold). The clicks, buttons and
@@ -316,12 +324,13 @@ def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: b
     def undo(prompts):
         return undo_last_item(prompts), None
 
-    def load_model(config_file, weights, opts):
-        if not allow_model_change:
-            raise fail(DemoError("This server listens on a non-local address, so the page may not load other "
-                                 "models (start it with --allow-model-change to allow it)."))
+    def load_model(config_file, weights, opts, request: gr.Request):
+        # Checked here, in the server, for every request: hiding the event from the API does not
+        # stop a process that posts to the queue with its fn_index.
         try:
-            line = demo.load_model(config_file.strip(), weights.strip(), opts.split())
+            path = demo.access.check_model_request(config_file.strip() or demo.config_file, weights.strip(),
+                                                   opts.split(), request)
+            line = demo.load_model(path, weights.strip(), opts.split())
         except DemoError as e:
             raise fail(e)
         return line, demo.default_vocabulary, None, pd.DataFrame(columns=TABLE_COLUMNS), None, line
@@ -361,7 +370,10 @@ def build_app(demo: WebDemo, examples: Sequence[str] = (), allow_model_change: b
                     weights_box = gr.Textbox(label="Checkpoint (MODEL.WEIGHTS; empty = a random head)",
                                              value=demo.cfg.MODEL.WEIGHTS, elem_id="weights")
                     opts_box = gr.Textbox(label="Config overrides (KEY VALUE ...)", value="", elem_id="opts")
-                    load_btn = gr.Button("Load model", elem_id="load_model", interactive=allow_model_change)
+                    load_btn = gr.Button("Load model", elem_id="load_model",
+                                         interactive=demo.access.allow_model_change)
+                    if not demo.access.allow_model_change:
+                        gr.Markdown(MODEL_CHANGE_OFF, elem_id="model_change_off")
             with gr.Column(scale=3, min_width=400):
                 canvas = gr.Image(label="Result (click to add prompts)", type="numpy", format="png",
                                   interactive=False, elem_id="canvas", buttons=["download", "fullscreen"])
@@ -409,9 +421,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per region (default 3)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs the internet)")
+    p.add_argument("--allow-paths", action="append", default=[], metavar="DIR",
+                   help="a folder whose files visitors may name in the page (vocabulary files; with "
+                        "--allow-model-change, configs and checkpoints); repeatable. Without it the page opens no "
+                        "server path a visitor types: files come by upload")
     p.add_argument("--allow-model-change", action="store_true",
-                   help="allow the page's Model panel to load configs and checkpoints when --host is not local "
-                        "(always allowed on a local address)")
+                   help="let the page's Model panel load shipped configs, and configs and checkpoints under "
+                        "--allow-paths (off by default, on any address)")
     p.add_argument("--onnx", default="", metavar="DIR",
                    help="serve an exported folder (tools/export_onnx.py) on onnxruntime instead of --config-file's "
                         "model; the Model panel is then off")
@@ -428,13 +444,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def is_local(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     """Parse `argv`, build the model and the page, and serve it. Returns (app, url) when `block`
     is False (stop it with `app.close()`); raises SystemExit(2) for bad options or a model that
@@ -443,14 +452,18 @@ def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     if args.top_k < 1:
         print(f"web_demo.py: error: --top-k must be at least 1, got {args.top_k}.", file=sys.stderr)
         raise SystemExit(2)
+    for folder in args.allow_paths:
+        if not os.path.isdir(folder):
+            print(f"web_demo.py: error: --allow-paths {folder}: not a folder.", file=sys.stderr)
+            raise SystemExit(2)
     try:
-        demo = WebDemo(args.config_file, args.weights, args.opts, top_k=args.top_k, onnx=args.onnx)
+        demo = WebDemo(args.config_file, args.weights, args.opts, top_k=args.top_k, allow_paths=args.allow_paths,
+                       allow_model_change=args.allow_model_change and not args.onnx, onnx=args.onnx)
     except DemoError as e:
         print(f"web_demo.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     examples = [] if args.no_examples else synthetic_examples()[0]
-    app = build_app(demo, examples,
-                    allow_model_change=(is_local(args.host) or args.allow_model_change) and not args.onnx)
+    app = build_app(demo, examples)
     port = free_port(args.host) if args.port == 0 else args.port
     app.queue(default_concurrency_limit=1)  # one request at a time on the one predictor
     try:
@@ -467,7 +480,18 @@ def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
     return app, f"http://{args.host}:{port}/"
 
 
+def _stop_on_sigterm() -> None:
+    """A service manager's stop (SIGTERM) ends the server as Ctrl-C does, so the exit handlers run
+    (the temporary folder is removed); Python's default for SIGTERM skips them."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _stop_on_sigterm()
     try:
         serve(argv, block=True)
     except SystemExit as e:

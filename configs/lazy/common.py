@@ -5,7 +5,6 @@
 # Model files change only the encoders. Override any value on the command line: key=value.
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader
 from omegaconf import OmegaConf
 
 from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
@@ -13,7 +12,7 @@ from regionspot.evaluation import regionspot_evaluator
 from regionspot.modeling.prompt_sources import GTBoxes
 from regionspot.engine.lazy import build_lr_multiplier, build_regionspot, build_train_loader
 from regionspot.modeling.text_embeddings import get_templates
-from regionspot.engine.trainer import build_regionspot_optimizer, eval_dataset_dicts
+from regionspot.engine.trainer import build_eval_loader, build_regionspot_optimizer, eval_dataset_dicts
 
 # The arguments of RegionSpot (meta_arch.py), plus the encoders' and the head's; the head's widths
 # come from the built encoders. Each key is the yacs key of the same name under MODEL.REGIONSPOT.
@@ -41,7 +40,7 @@ model = L(build_regionspot)(
 )
 
 dataloader = OmegaConf.create()
-dataloader.test = L(build_detection_test_loader)(
+dataloader.test = L(build_eval_loader)(  # detectron2's build_detection_test_loader
     dataset=L(eval_dataset_dicts)(
         name="lvis_v1_val",
         proposal_file="",          # DATASETS.PROPOSAL_FILES_TEST entry, for model.prompt="proposals"

@@ -168,3 +168,38 @@ def test_lvis_format_needs_categories_numbered_from_one(tmp_path):
     finally:
         DatasetCatalog.remove("mydata_val")
         MetadataCatalog.remove("mydata_val")
+
+
+def _break(coco: dict, how: str) -> dict:
+    coco = json.loads(json.dumps(coco))
+    if how == "category":
+        coco["annotations"][1]["category_id"] = 999
+    elif how == "duplicate":
+        coco["images"][1]["id"] = coco["images"][0]["id"]
+    return coco
+
+
+@pytest.mark.parametrize("how, fmt", [("malformed", "coco"), ("malformed", "lvis"), ("category", "coco"),
+                                      ("duplicate", "coco"), ("duplicate", "lvis")])
+def test_bad_annotation_files_are_named_by_train_net(own_data, tmp_path, how, fmt):
+    root, coco = own_data
+    path = root / "val.json"
+    if how == "malformed":
+        path.write_text(json.dumps(coco["val"])[:-40] + '"unterminated')
+    else:
+        path.write_text(json.dumps(_break(coco["val"], how)))
+    entry = ["mydata_val", str(path), str(root)] + ([fmt] if fmt == "lvis" else [])
+    args = default_argument_parser().parse_args([
+        "--config-file", "quickstart/RegionSpot-tiny_synthetic.yaml", "--eval-only",
+        "MODEL.REGIONSPOT.REGISTER_DATASETS", json.dumps([entry]), "DATASETS.TEST", '("mydata_val",)',
+        "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "out")])
+    with pytest.raises(ValueError) as info:
+        train_net.main(args)
+    message = str(info.value)
+    assert str(path) in message and "'mydata_val'" in message, message
+    if how == "malformed":
+        assert "is not valid JSON" in message and "line 1" in message
+    elif how == "category":
+        assert "category_id 999" in message and "not among the file's categories" in message
+    else:
+        assert f"two images with id {coco['val']['images'][0]['id']!r}" in message

@@ -140,3 +140,51 @@ def test_cli_names_bad_files_and_exits_1(dataset, tmp_path):
     assert len(os.listdir(folder)) == len(dicts) - 1
     payload = load_tokens(token_file(folder, dicts[1]["image_id"]), dicts[1]["image_id"])
     assert payload["tokens"].shape == (len(dicts[1]["annotations"]), 32)
+
+
+def test_tokens_of_another_width_are_refused_at_import_and_named_in_cached_training(dataset, tmp_path, capsys):
+    """A 24-d file among 32-d ones is refused by the tool, naming it and both widths; a whole cache
+    of another SAM's width stops cached training with the file and both widths, not a matmul error."""
+    tool = load_tool("import_sam_tokens")
+    dicts = DatasetCatalog.get(dataset)
+    odd = dicts[2]
+
+    def narrow(d, payload):
+        if d["image_id"] == odd["image_id"]:
+            return {"mask_tokens": payload["mask_tokens"][:, :24], "classes": payload["classes"]}
+
+    released = str(tmp_path / "released")
+    _write_release(os.path.join(released, "mixed"), dicts, narrow)
+    cache = str(tmp_path / "cache")
+    rc = tool.main(["--config-file", TINY_CONFIG, "--released-root", released, "--source-folder", "mixed",
+                    "--dataset", dataset, "--output", cache, "--allow-other-sam", "MODEL.DEVICE", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    odd_file = os.path.join(released, "mixed", f"{odd['image_id']}.pth")
+    line = next(l for l in out.splitlines() if odd_file in l)
+    assert "24-d tokens" in line and "32-d tokens" in line
+    folder = token_cache_folder(cache, dataset, "tiny")
+    assert not os.path.exists(token_file(folder, odd["image_id"])) and len(os.listdir(folder)) == len(dicts) - 1
+
+    # Every file 48-d (tokens of another SAM, imported on purpose): training with the tiny SAM (32-d)
+    # names a cache file and both widths.
+    import train_net
+    from detectron2.engine import default_argument_parser
+
+    def widen(d, payload):
+        return {"mask_tokens": torch.cat([payload["mask_tokens"]] * 2, 1)[:, :48], "classes": payload["classes"]}
+
+    _write_release(os.path.join(released, "wide"), dicts, widen)
+    wide_cache = str(tmp_path / "wide_cache")
+    assert tool.main(["--config-file", TINY_CONFIG, "--released-root", released, "--source-folder", "wide",
+                      "--dataset", dataset, "--output", wide_cache, "--allow-other-sam", "MODEL.DEVICE", "cpu"]) == 0
+    args = default_argument_parser().parse_args([
+        "--config-file", TINY_CONFIG, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.TRAIN", f"('{NAME}',)", "DATASETS.TEST", "()", "MODEL.REGIONSPOT.TOKEN_MODE", "cached",
+        "MODEL.REGIONSPOT.TOKEN_CACHE_DIR", wide_cache, "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "2",
+        "TEST.EVAL_PERIOD", "0", "DATALOADER.NUM_WORKERS", "0", *NO_RESIZE])
+    with pytest.raises(ValueError) as info:
+        train_net.main(args)
+    message = str(info.value)
+    assert "48-d tokens" in message and "32-d tokens" in message
+    assert os.path.join(wide_cache, dataset, "tiny") in message and ".pth" in message

@@ -77,3 +77,41 @@ def test_pipeline_seconds_bound_the_timed_part_and_roofline_uses_its_times(tmp_p
     for stage in ("sam_encoder", "mask_decoder", "clip", "total"):
         assert rf[stage]["measured_s"] == t[stage]
         assert abs(rf[stage]["ideal_s"] - rf[stage]["gflop"] * 1e9 / rf["matmul_flops_per_s"]) < 1e-12
+
+
+def test_lvis_eval_size_measures_both_routes_and_they_agree(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    argv = ["--lvis-eval-size", "60", "--lvis-eval-baseline", "20,40", "--lvis-eval-dets", "30",
+            "--lvis-eval-root", str(tmp_path / "sets"), "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    record = json.loads(out.read_text().splitlines()[-1])["lvis_eval"]
+    assert [b["images"] for b in record["baseline"]] == [20, 40] and record["new"]["images"] == 60
+    # At 20 images both routes give the lvis package's figures (the new one by chunks of categories).
+    assert record["check"]["images"] == 20 and record["check"]["max_abs_diff"] < 1e-6
+    assert 0 < record["new"]["metrics"]["bbox"]["AP"] < 100
+    a, b = record["baseline"]
+    slope = (b["seconds"] - a["seconds"]) / 20
+    assert abs(record["baseline_extrapolated"]["seconds"] - (b["seconds"] + slope * 20)) < 1e-9
+    assert all(r["peak_rss_gb"] > 0.1 for r in (a, b, record["new"]))
+    # The set is made once: a second run finds it.
+    assert (tmp_path / "sets" / "n60-d30-v0.5" / "complete").is_file()
+
+
+def test_pipeline_box_masks_are_box_shaped_and_rle_is_timed_inside_the_evaluator(tmp_path):
+    import numpy as np
+    import pycocotools.mask as mask_util
+
+    args = benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu", "--pipeline", "3",
+                                 "--workers", "0", "--boxes", "4", "--num-classes", "5", "--image-size", "200x150",
+                                 "--pipeline-root", str(tmp_path), "--box-masks", "--evaluate"])
+    t = benchmark.pipeline(args)["per_image_s"]
+    assert 0 < t["rle"] <= t["evaluator_process"]
+    with open(tmp_path / "eval" / "lvis_instances_results.json") as f:
+        dets = json.load(f)
+    assert dets
+    for d in dets:  # each mask fills its box (up to the low-res grid's 4-pixel cells) and nothing else
+        m = mask_util.decode(d["segmentation"])
+        ys, xs = np.nonzero(m)
+        x, y, w, h = d["bbox"]
+        assert len(ys) and xs.min() >= x - 6 and xs.max() <= x + w + 6 and ys.min() >= y - 6 and ys.max() <= y + h + 6
+        assert m.sum() >= 0.5 * w * h

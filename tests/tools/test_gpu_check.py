@@ -46,6 +46,10 @@ def test_dry_run_measures_every_configuration_and_the_numbers_add_up(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
         assert row.split(" | ")[1] == f"{r['images_per_s']:.2f}"
         assert re.search(rf"^\[gpu_check\] {re.escape(label)}: {r['images_per_s']:.2f} img/s", proc.stdout, re.M)
+        # The evaluated configuration ran the final evaluation of its detections (masks' RLE, shards,
+        # fast_eval), the others did not.
+        assert ("evaluate_s" in r) == ("--evaluate" in argv)
+        assert row.rstrip(" |").split(" | ")[-1] == (f"{r['evaluate_s']:.1f}" if "--evaluate" in argv else "-")
     # FLOPs are counted per box count (the decoder's grow with the boxes, the encoders' do not).
     few, many = sorted(flops)
     assert flops[many]["mask_decoder"] > flops[few]["mask_decoder"] > 0
@@ -108,3 +112,6 @@ def test_gpu_plan_covers_the_issue_and_its_image_sets_fit_every_batch():
     assert max(a.batch for _, a in parsed) > 1 and max(a.workers for _, a in parsed) > 1
     compiled = {a.boxes for _, a in parsed if a.opts[1]}
     assert compiled == {12, 300}
+    # The 300-box path with masks, as --eval-only runs it, is measured through its final evaluation.
+    evaluated = [a for _, a in parsed if a.evaluate]
+    assert len(evaluated) == 1 and evaluated[0].boxes == 300 and not evaluated[0].no_masks

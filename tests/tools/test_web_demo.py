@@ -193,7 +193,6 @@ def test_segment_everything_equals_the_predictor(quickstart_head, shapes_image, 
     ("fg 10 500", "cat, dog", "Region 1: the point (10, 500) lies outside the 160x120"),
     ("box 1 2 3", "cat, dog", "Prompt line 1: cannot read 'box 1 2 3'"),
     ("box 10 10 50 50", "cat, dog, cat", "The vocabulary from the vocabulary box names these classes more than once"),
-    ("box 10 10 50 50", "missing_vocabulary.pth", "Text-embedding file not found"),
 ])
 def test_bad_input_is_a_message(server, shapes_image, tmp_path, prompts, vocabulary, message):
     client = _client(server, tmp_path)

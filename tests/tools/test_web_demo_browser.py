@@ -26,7 +26,9 @@ def page(quickstart_head, tmp_path):
         check.browser_paths()
     except RuntimeError as e:
         pytest.fail(str(e))
-    args = ["--weights", quickstart_head, "--opts", "MODEL.DEVICE", "cpu"]
+    # The Model panel on, for files under tmp_path (the missing checkpoint below).
+    args = ["--weights", quickstart_head, "--allow-model-change", "--allow-paths", str(tmp_path),
+            "--opts", "MODEL.DEVICE", "cpu"]
     with check.start_server(args, log_path=str(tmp_path / "web_demo.log")) as url, check.start_browser() as driver, \
             check.screenshot_on_failure(driver, str(tmp_path / "web_demo.png")):
         check.open_page(driver, url)

@@ -1,11 +1,13 @@
 """Checkpoints: RegionSpot's own (head only by default) and those of the original release."""
 import os
 from typing import Any, Dict, List, Tuple
+from urllib.parse import urlparse
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import Detectron2Handler
 
 from .utils.file_io import atomic_torch_save, atomic_write_bytes
+from .utils.safe_load import UnsafeFileError, pickle_load, torch_load
 from .utils.weights import download, is_url
 
 # Key prefixes of the original RegionSpot code -> ours. Its meta-architecture kept everything
@@ -49,7 +51,78 @@ class HeadMismatchError(RuntimeError):
     """A checkpoint that would leave (some of) the trainable head at its random initialisation."""
 
 
-class RegionSpotCheckpointer(DetectionCheckpointer):
+def local_checkpoint(path: str, key: str, what: str = "checkpoint") -> str:
+    """A local file for a checkpoint path, http(s) URL or detectron2:// model-zoo name: URLs are
+    downloaded once with our timeout ($REGIONSPOT_DOWNLOAD_TIMEOUT) and an error naming `key`. A
+    URL's query (detectron2's `?matching_heuristics=True`) is kept on the local path."""
+    if path.startswith(Detectron2Handler.PREFIX):
+        path = Detectron2Handler.S3_DETECTRON2_PREFIX + path[len(Detectron2Handler.PREFIX):]
+    if not is_url(path):
+        return path
+    url = urlparse(path)
+    local = download(url._replace(query="", fragment="").geturl(), key, what)
+    return local + (f"?{url.query}" if url.query else "")
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """A `DetectionCheckpointer` whose files never run code and whose downloads time out.
+
+    detectron2 reads `.pkl` files with plain pickle and others with `torch.load`, either of which
+    runs whatever code a hostile file holds; here `.pkl` goes through our restricted unpickler and
+    everything else through `torch.load(weights_only=True)` (see `regionspot.utils.safe_load`).
+    URLs and detectron2:// names are fetched by `regionspot.utils.weights.download`.
+
+    Args:
+        key: the config key that named the file, used in every error (e.g. MODEL.WEIGHTS,
+            MODEL.REGIONSPOT.HEAD_WEIGHTS, train.init_checkpoint).
+        what: what the file is, for download messages.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, key: str = "MODEL.WEIGHTS", what: str = "checkpoint",
+                 **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.key, self.what = key, what
+
+    def load(self, path: str, *args, **kwargs):
+        return super().load(local_checkpoint(path, self.key, self.what) if path else path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            data = self._read(filename, pickle_load)
+            if not isinstance(data, dict):
+                raise RuntimeError(f"Checkpoint file {filename} ({self.key}) holds a {type(data).__name__}, "
+                                   "not a dict of weights.")
+            # The same shapes detectron2 accepts: its model zoo, or Caffe2 / Detectron1 blobs.
+            if "model" in data and "__author__" in data:
+                return data
+            data = data.get("blobs", data)
+            return {"model": {k: v for k, v in data.items() if not k.endswith("_momentum")},
+                    "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth"):  # pycls, as detectron2 reads it
+            data = self._read(filename, torch_load)
+            if not isinstance(data, dict) or "model_state" not in data:
+                raise RuntimeError(f"Cannot load .pyth file {filename} ({self.key}): pycls checkpoints must "
+                                   "contain 'model_state'.")
+            return {"model": {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
+        return super()._load_file(filename)  # calls self._torch_load
+
+    def _torch_load(self, f: str):
+        return self._read(f, torch_load)
+
+    def _read(self, f: str, loader) -> Any:
+        # A corrupt file can raise almost anything from the unpickler (IndexError, KeyError,
+        # UnicodeDecodeError, MemoryError, ...): name the file and the key.
+        try:
+            return loader(f, f, self.key)
+        except UnsafeFileError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"Checkpoint file {f} ({self.key}) is corrupt, truncated or not a PyTorch or "
+                               f"detectron2 checkpoint and cannot be read ({type(e).__name__}: {e}).") from e
+
+
+class RegionSpotCheckpointer(SafeDetectionCheckpointer):
     """A `DetectionCheckpointer` that
 
     - reads checkpoints of the original RegionSpot code (with or without frozen weights inside);
@@ -60,37 +133,41 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
       `allow_random_head` (MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD); an empty path still means "no
       checkpoint", i.e. a random head, as in detectron2;
     - saves the head only unless `save_frozen=True`, atomically (a crash never leaves a torn file);
-    - names the file when it is missing, unreadable or not a checkpoint.
+    - names the file and the config key that gave it (`key`) when it is missing, unreadable, not a
+      checkpoint, or would run code (see `SafeDetectionCheckpointer`).
     """
 
     def __init__(self, model, save_dir: str = "", *, save_frozen: bool = False,
-                 allow_random_head: bool = False, **checkpointables):
-        super().__init__(model, save_dir, **checkpointables)
+                 allow_random_head: bool = False, key: str = "MODEL.WEIGHTS", **checkpointables):
+        super().__init__(model, save_dir, key=key, **checkpointables)
         self.save_frozen = save_frozen
         self.allow_random_head = allow_random_head
         self._loading = ""
 
     def load(self, path: str, *args, **kwargs):
-        if path and is_url(path):  # downloaded once, with a timeout and an error naming the fix
-            path = download(path, "MODEL.WEIGHTS", "RegionSpot checkpoint")
-        if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint file not found (MODEL.WEIGHTS): {path}")
+        if path:  # URLs downloaded once, with a timeout and an error naming the fix
+            path = local_checkpoint(path, self.key, "RegionSpot checkpoint")
+        if path and "://" not in path and not os.path.isfile(urlparse(path).path if "?" in path else path):
+            raise FileNotFoundError(f"Checkpoint file not found ({self.key}): {path}")
         self._loading = path
         try:
             return super().load(path, *args, **kwargs)
         finally:
             self._loading = ""
 
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        if resume and self.has_checkpoint():  # errors then name what --resume read, not the key
+            key, self.key = self.key, f"--resume: last checkpoint of {self.save_dir}"
+            try:
+                return super().resume_or_load(path, resume=resume)
+            finally:
+                self.key = key
+        return super().resume_or_load(path, resume=resume)
+
     def _torch_load(self, f: str):
-        # A corrupt file can raise almost anything from the unpickler (IndexError, KeyError,
-        # UnicodeDecodeError, ImportError of a missing class, MemoryError, ...): name the file.
-        try:
-            obj = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RuntimeError(f"Checkpoint file {f} (MODEL.WEIGHTS) is corrupt, truncated or not a PyTorch "
-                               f"checkpoint and cannot be read ({type(e).__name__}: {e}).") from e
+        obj = super()._torch_load(f)
         if not isinstance(obj, dict) or not isinstance(obj.get("model", obj), dict):
-            raise RuntimeError(f"Checkpoint file {f} (MODEL.WEIGHTS) holds a {type(obj).__name__}, not a state "
+            raise RuntimeError(f"Checkpoint file {f} ({self.key}) holds a {type(obj).__name__}, not a state "
                                "dict or a dict with a 'model' state dict.")
         return obj
 
@@ -103,7 +180,7 @@ class RegionSpotCheckpointer(DetectionCheckpointer):
                  if k in state and tuple(getattr(state[k], "shape", ())) != expected[k]]
         if not missing and not wrong:
             return
-        where = f"Checkpoint {self._loading} (MODEL.WEIGHTS)" if self._loading else "The checkpoint"
+        where = f"Checkpoint {self._loading} ({self.key})" if self._loading else "The checkpoint"
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")

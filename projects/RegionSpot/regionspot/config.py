@@ -136,6 +136,19 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.TEST_IMS_PER_BATCH = 1
     # Predict masks with SAM (needed for segm evaluation).
     _C.MASK_ON = True
+    # Evaluation at scale (docs/EVALUATION_AT_SCALE.md). Each process streams its images' results
+    # to OUTPUT_DIR/inference/<dataset>/results/ shards; the final evaluation reads them once.
+    _C.EVAL = CN()
+    # "auto" (faster-coco-eval where installed, extra `fasteval`), "faster_coco_eval", or
+    # "reference" (the lvis package / pycocotools). All give the same figures.
+    _C.EVAL.ENGINE = "auto"
+    # Continue an interrupted evaluation: keep its complete shards and run only the other images
+    # (train_net.py --eval-only --resume sets it).
+    _C.EVAL.RESUME = False
+    # Images per results shard: at most what a killed run loses per process.
+    _C.EVAL.IMAGES_PER_SHARD = 100
+    # Detections evaluated together at most (categories are evaluated in chunks): bounds memory.
+    _C.EVAL.DETS_PER_CHUNK = 300000
     # Paste kept masks at full size with one interpolation from SAM's low-res logits instead of
     # SAM's two (via a 1024x1024 buffer): same masks (IoU >= 0.99, tested), 1.5-7x faster on CPU.
     _C.FAST_MASK_PASTE = True
@@ -236,6 +249,12 @@ def check_regionspot_config(cfg: CN) -> None:
     _check_number(k + "TEXT.CHUNK_SIZE", c.TEXT.CHUNK_SIZE, integer=True, low=1)
     _check_number(k + "TEST_IMS_PER_BATCH", c.TEST_IMS_PER_BATCH, integer=True, low=1)
     _check_number("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE, integer=True, low=1)
+    from .fast_eval import ENGINES
+
+    if c.EVAL.ENGINE not in ENGINES:
+        raise ValueError(f"Unknown {k}EVAL.ENGINE {c.EVAL.ENGINE!r}; choose one of {ENGINES}.")
+    _check_number(k + "EVAL.IMAGES_PER_SHARD", c.EVAL.IMAGES_PER_SHARD, integer=True, low=1)
+    _check_number(k + "EVAL.DETS_PER_CHUNK", c.EVAL.DETS_PER_CHUNK, integer=True, low=1)
     ratios = list(c.DATASET_RATIOS)
     for i, r in enumerate(ratios):
         _check_number(f"{k}DATASET_RATIOS[{i}]", r, low=0)

@@ -497,14 +497,17 @@ class RegionSpotPredictor:
         top_k = self._check_top_k(self.top_k if top_k is None else top_k)
         prompts = self._prepare_prompts(feats.image_size, boxes, points, point_labels, prompt_scores)
         names, text_emb = self.vocabulary_embeddings(vocabulary)
+        # Point prompts need masks for their boxes.
+        want_masks = (model.mask_on if return_masks is None else return_masks) or prompts["boxes"] is None
         tokens, low_res = model.decode_regions(
             feats.sam_embedding, feats.encoded_size, boxes=_transformed(feats.transform, prompts["boxes"], True),
-            points=_transformed(feats.transform, prompts["points"], False), point_labels=prompts["point_labels"])
+            points=_transformed(feats.transform, prompts["points"], False), point_labels=prompts["point_labels"],
+            masks=want_masks)
         region_emb = model.embed_regions([tokens], feats.clip_tokens[None])[0]
         probs = model.probabilities(region_emb, text_emb, prompts["scores"])
         topk_scores, topk_classes = top_classes(probs, top_k)
         masks = None
-        if (model.mask_on if return_masks is None else return_masks) or prompts["boxes"] is None:
+        if want_masks:
             masks = model.paste_masks(low_res, feats.input_size, feats.image_size)
         out_boxes = prompts["boxes"]
         if out_boxes is None:

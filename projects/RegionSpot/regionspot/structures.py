@@ -1,5 +1,5 @@
 """Masks shared between detections: one full-size mask per box, however many classes it carries."""
-from typing import Iterator, List, Union
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import torch
@@ -11,12 +11,18 @@ class IndexedMasks:
     Behaves like the tensor for what `Instances` and detectron2's evaluators and `Visualizer` do
     with `pred_masks` (len, indexing, iteration, `.to`, `np.asarray`), without copying a
     full-resolution mask for every (box, class) pair.
+
+    `windows`, when given, are (U, 4) `y0, y1, x0, x1` per unique mask, outside which it is False
+    (what `RegionEncoderBase.paste_masks` knows from the low-res logits): RLE encoding then reads
+    only the window's columns (`regionspot.mask_rle`).
     """
 
-    def __init__(self, masks: torch.Tensor, index: torch.Tensor):
+    def __init__(self, masks: torch.Tensor, index: torch.Tensor, windows: Optional[torch.Tensor] = None):
         assert masks.ndim == 3, masks.shape
+        assert windows is None or tuple(windows.shape) == (masks.shape[0], 4), (windows.shape, masks.shape)
         self.masks = masks
         self.index = index.long()
+        self.windows = windows
 
     def __len__(self) -> int:
         return self.index.numel()
@@ -24,7 +30,7 @@ class IndexedMasks:
     def __getitem__(self, item) -> Union[torch.Tensor, "IndexedMasks"]:
         if isinstance(item, int):
             return self.masks[self.index[item]]
-        return IndexedMasks(self.masks, self.index[item])
+        return IndexedMasks(self.masks, self.index[item], self.windows)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in self.index.tolist():
@@ -32,7 +38,8 @@ class IndexedMasks:
 
     def to(self, *args, **kwargs) -> "IndexedMasks":
         masks = self.masks.to(*args, **kwargs)
-        return IndexedMasks(masks, self.index.to(masks.device))
+        windows = None if self.windows is None else self.windows.to(masks.device)
+        return IndexedMasks(masks, self.index.to(masks.device), windows)
 
     @property
     def device(self) -> torch.device:
@@ -58,7 +65,9 @@ class IndexedMasks:
             masks.append(m.masks)
             index.append(m.index + offsets)
             offsets += m.masks.shape[0]
-        return IndexedMasks(torch.cat(masks), torch.cat(index))
+        windowed = all(m.windows is not None for m in items)
+        windows = torch.cat([m.windows for m in items]) if windowed and items else None
+        return IndexedMasks(torch.cat(masks), torch.cat(index), windows)
 
     def __repr__(self) -> str:
         return f"IndexedMasks(num={len(self)}, unique={self.masks.shape[0]}, size={tuple(self.masks.shape[1:])})"

@@ -170,6 +170,7 @@ class RegionSpotDatasetMapper(DatasetMapper):
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         d["instances"] = instances
         d["sam_tokens"] = cache["tokens"][inside_t]
+        d["sam_tokens_file"] = path  # named by the model if the tokens do not fit its head
         return d
 
     def _call_online(self, dataset_dict: Dict) -> Dict:

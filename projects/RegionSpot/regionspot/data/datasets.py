@@ -42,8 +42,9 @@ SYNTHETIC_SPLITS = {
 }
 
 
-def _check_files(name: str, load, hint: str = ""):
-    """Wrap a dataset loader so a missing annotation file or image folder names itself and the set."""
+def _check_files(name: str, load, hint: str = "", validate=None):
+    """Wrap a dataset loader so a missing annotation file or image folder names itself and the set
+    (and `validate()`, if given, runs before the loader)."""
 
     def checked():
         meta = MetadataCatalog.get(name)
@@ -53,15 +54,55 @@ def _check_files(name: str, load, hint: str = ""):
                 where = hint or (f"Put the data under $DETECTRON2_DATASETS (now "
                                  f"{os.getenv('DETECTRON2_DATASETS', 'unset, so ./datasets')}).")
                 raise FileNotFoundError(f"Dataset {name!r}: {what} {path} does not exist. {where}")
+        if validate is not None:
+            validate()
         return load()
 
     return checked
 
 
-def _wrap_with_check(name: str, hint: str = "") -> None:
+def _wrap_with_check(name: str, hint: str = "", validate=None) -> None:
     load = DatasetCatalog[name]
     DatasetCatalog.remove(name)
-    DatasetCatalog.register(name, _check_files(name, load, hint))
+    DatasetCatalog.register(name, _check_files(name, load, hint, validate))
+
+
+def read_own_json(name: str, json_file: str, check_categories: bool = True) -> Dict:
+    """A user's COCO/LVIS-format annotation file, checked for what detectron2's loaders would
+    report without the file's name (malformed JSON, an unknown category_id) or not at all (two
+    images with one id: pycocotools merges them, one image then gets both images' boxes)."""
+    with PathManager.open(json_file) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Dataset {name!r}: {json_file} is not valid JSON ({e.msg} at line {e.lineno}, "
+                             f"column {e.colno}).") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"Dataset {name!r}: {json_file} is not a COCO/LVIS-format file: it needs an 'images' list "
+                         "(and 'annotations' and 'categories').")
+    seen: Dict = {}
+    for img in data["images"]:
+        i = img.get("id") if isinstance(img, dict) else None
+        if i in seen:
+            raise ValueError(
+                f"Dataset {name!r}: {json_file} has two images with id {i!r} ({seen[i]!r} and "
+                f"{img.get('file_name', img.get('coco_url', '?'))!r}). Image ids must be unique: give each image its "
+                "own id (and its annotations that image_id).")
+        seen[i] = img.get("file_name", img.get("coco_url", "?")) if isinstance(img, dict) else "?"
+    if check_categories:
+        check_category_ids(name, json_file, data)
+    return data
+
+
+def check_category_ids(name: str, json_file: str, data: Dict) -> None:
+    """Raise ValueError naming the file and the annotation whose category_id is not a category."""
+    categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
+    for a in data.get("annotations", []):
+        if a.get("category_id") not in categories:
+            raise ValueError(
+                f"Dataset {name!r}: {json_file}: annotation {a.get('id', '?')!r} (image {a.get('image_id')!r}) has "
+                f"category_id {a.get('category_id')!r}, which is not among the file's categories (ids "
+                f"{sorted(categories)[:10]}{' ...' if len(categories) > 10 else ''}).")
 
 
 def register_all_paper_datasets(root: str) -> None:
@@ -91,8 +132,8 @@ def register_all_synthetic(root: str) -> None:
 def _load_own_lvis(name: str, json_file: str, image_root: str) -> List[dict]:
     """detectron2's LVIS loader for a set with its own categories (it only knows LVIS's own
     names), which also fills in the set's thing_classes, as the COCO loader does."""
-    with PathManager.open(json_file) as f:
-        categories = json.load(f).get("categories", [])
+    data = read_own_json(name, json_file, check_categories=False)
+    categories = data.get("categories", [])
     ids = sorted(c["id"] for c in categories)
     if ids != list(range(1, len(ids) + 1)):
         # detectron2's LVIS loader maps category id k to class k - 1, as LVIS's own files need.
@@ -100,6 +141,7 @@ def _load_own_lvis(name: str, json_file: str, image_root: str) -> List[dict]:
             f"Dataset {name!r}: the LVIS-format {json_file} must number its categories 1..C "
             f"(found ids {ids[:5]}{' ...' if len(ids) > 5 else ''}); register it as COCO format instead."
         )
+    check_category_ids(name, json_file, data)
     MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in sorted(categories, key=lambda c: c["id"])])
     return load_lvis_json(json_file, image_root, None)
 
@@ -119,13 +161,15 @@ def register_own_dataset(name: str, json_file: str, image_root: str, fmt: str = 
             f"Dataset {name!r} is already registered (json_file {meta.get('json_file', None)}), so it "
             f"cannot be registered again with {json_file}: choose another name."
         )
+    validate = None
     if fmt == "coco":
         register_coco_instances(name, {}, json_file, image_root)
+        validate = partial(read_own_json, name, json_file)  # the LVIS loader below reads it itself
     else:
         DatasetCatalog.register(name, partial(_load_own_lvis, name, json_file, image_root))
         MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="lvis")
     _wrap_with_check(name, "Check MODEL.REGIONSPOT.REGISTER_DATASETS (relative paths start at the "
-                           f"current directory, {os.getcwd()}).")
+                           f"current directory, {os.getcwd()}).", validate)
 
 
 def register_datasets_from_cfg(cfg) -> List[str]:

@@ -9,15 +9,14 @@ Proposals land in the dataset dicts under detectron2's keys, so `DatasetMapper` 
 """
 import json
 import logging
-import pickle
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
 import numpy as np
-from detectron2.data import load_proposals_into_dataset
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
+from ..utils.safe_load import UnsafeFileError, pickle_load
 from ..utils.weights import download, is_url
 
 logger = logging.getLogger(__name__)
@@ -91,6 +90,46 @@ def read_json_proposals(path: str, box_mode: str = "XYXY") -> Dict[str, Tuple[np
     return table
 
 
+# detectron2 writes `bbox_mode` as its BoxMode enum: calling it only looks a value up.
+_PROPOSAL_GLOBALS = {("detectron2.structures.boxes", "BoxMode"): BoxMode}
+
+
+def read_pickle_proposals(path: str) -> Dict:
+    """A detectron2 proposal pickle, read without running code (numpy arrays and plain data only,
+    see `regionspot.utils.safe_load`), with Detectron1's key names ("indexes", "scores") renamed."""
+    with PathManager.open(path, "rb") as f:
+        try:
+            data = pickle_load(f, path, "DATASETS.PROPOSAL_FILES_TEST", extra=_PROPOSAL_GLOBALS)
+        except UnsafeFileError:
+            raise
+        except Exception as e:
+            raise ValueError(f"Proposal file {path} is corrupt, truncated or not a pickle "
+                             f"({type(e).__name__}: {e}).") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"Proposal file {path}: expected a dict with 'ids', 'boxes' and 'objectness_logits', "
+                         f"not a {type(data).__name__}.")
+    for old, new in (("indexes", "ids"), ("scores", "objectness_logits")):
+        if old in data:
+            data[new] = data.pop(old)
+    lacking = [k for k in ("ids", "boxes", "objectness_logits") if k not in data]
+    if lacking:
+        raise ValueError(f"Proposal file {path} has no {lacking} (keys: {sorted(map(str, data))}).")
+    return data
+
+
+def _fill_pickle_proposals(dataset_dicts: List[Dict], data: Dict) -> None:
+    """detectron2's `load_proposals_into_dataset` on already-read data (it would unpickle the
+    file itself, with plain pickle): best objectness first, under detectron2's keys."""
+    index = {str(i): n for n, i in enumerate(data["ids"])}
+    mode = BoxMode(data["bbox_mode"]) if "bbox_mode" in data else BoxMode.XYXY_ABS
+    for d in dataset_dicts:
+        n = index[str(d["image_id"])]
+        boxes, logits = np.asarray(data["boxes"][n]), np.asarray(data["objectness_logits"][n])
+        order = logits.argsort()[::-1]
+        d["proposal_boxes"], d["proposal_objectness_logits"] = boxes[order], logits[order]
+        d["proposal_bbox_mode"] = mode
+
+
 def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error",
                      box_mode: str = "XYXY") -> List[Dict]:
     """Add proposals from `path` to each dataset dict (in place; also returned).
@@ -104,16 +143,14 @@ def attach_proposals(dataset_dicts: List[Dict], path: str, missing: str = "error
     if is_url(path):  # fetched once, with a timeout (detectron2's loader then reads the local copy)
         path = download(path, "DATASETS.PROPOSAL_FILES_TEST", "proposals file")
     if path.endswith(".pkl"):
-        with PathManager.open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-        # Read once here to report missing images by name; detectron2's loader reads it again.
-        ids = {str(i) for i in data.get("ids", data.get("indexes", []))}
-        del data
+        data = read_pickle_proposals(path)
+        ids = {str(i) for i in data["ids"]}
         have = [d for d in dataset_dicts if str(d["image_id"]) in ids]
         lacking = [d for d in dataset_dicts if str(d["image_id"]) not in ids]
         if lacking and missing == "error":
             _raise_missing(lacking, path)
-        load_proposals_into_dataset(have, path)
+        _fill_pickle_proposals(have, data)
+        del data
         for d in have:
             # NaN logits are refused; +-inf logits are scores of exactly 1 or 0, which sigmoid keeps.
             check_finite_proposals(path, f"{d['image_id']} ({d.get('file_name', '?')})", d["proposal_boxes"],

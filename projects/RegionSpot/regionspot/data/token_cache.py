@@ -17,6 +17,7 @@ import torch
 from ..modeling.encoders.build import sam_type_random_by_default
 from ..modeling.text_embeddings import default_cache_dir
 from ..utils.file_io import atomic_torch_save, content_checksum
+from ..utils.safe_load import UnsafeFileError, torch_load
 
 # v2 adds the content checksum ("sha256"). v1 files (no checksum) cannot be verified, so they are
 # treated as stale: extraction redoes them, cached training refuses them by name.
@@ -86,7 +87,9 @@ def load_tokens(path: str, image_id=None) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SAM token cache file not found: {path} (run tools/extract_sam_tokens.py)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path, path)  # tensors and plain data only: no code runs
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise CorruptTokenFile(f"SAM token cache file {path} is truncated or corrupt ({type(e).__name__}: {e}).") from e
     fmt = payload.get("format") if isinstance(payload, dict) else None

@@ -96,7 +96,7 @@ def extract_tokens(
             with amp:
                 pre, _ = sam_encoder.preprocess(image)
                 emb = sam_encoder.encode_images(pre[None])[0]
-                tokens, _ = sam_encoder.decode_boxes(emb, boxes, tuple(image.shape[-2:]))
+                tokens, _ = sam_encoder.decode_boxes(emb, boxes, tuple(image.shape[-2:]), masks=False)
             save_tokens(token_file(folder, d["image_id"]), image_id=d["image_id"], file_name=name,
                         image_size=image.shape[-2:], tokens=tokens.float(), boxes=boxes, classes=classes,
                         sam_type=cfg.MODEL.REGIONSPOT.SAM.TYPE, source=source)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from .token_cache import is_valid, sam_weights_id, save_tokens, source_key, token_cache_folder, token_file
 from .token_extraction import ExtractionSummary
+from ..utils.safe_load import UnsafeFileError, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def _class_map(convention: str, dataset_name: str) -> Callable[[int], int]:
 def read_released_file(path: str) -> Dict[str, torch.Tensor]:
     """A released file's tokens (N, C) float32 and classes (N,) int64, checked for shape and values."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path, path)  # tensors and plain data only: no code runs
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise TokenMismatch(f"{path} is unreadable ({type(e).__name__}: {e}).") from e
     if not isinstance(payload, dict) or "mask_tokens" not in payload or "classes" not in payload:
@@ -123,6 +126,25 @@ def pick_convention(dicts: Sequence[Dict], folder: str, dataset_name: str, probe
     return best
 
 
+def common_width(dicts: Sequence[Dict], folder: str, probe: int = 20) -> Optional[int]:
+    """The token width most of the first `probe` readable released files have (None: no file).
+    A file of another width (tokens of another SAM mixed in) is then refused by name: it would
+    otherwise stop training much later with a bare matrix-shape error."""
+    widths: Dict[int, int] = {}
+    for d in dicts:
+        p = token_file(folder, d["image_id"])
+        if not os.path.isfile(p):
+            continue
+        try:
+            w = int(read_released_file(p)["tokens"].shape[1])
+        except TokenMismatch:
+            continue
+        widths[w] = widths.get(w, 0) + 1
+        if sum(widths.values()) >= probe:
+            break
+    return max(widths, key=widths.get) if widths else None
+
+
 RELEASED_SAM = "vit_b|official"  # `sam_weights_id` of the SAM that made the released files
 
 
@@ -149,6 +171,7 @@ def import_released_tokens(cfg, dataset_name: str, released_root: str, output_ro
     dicts = DatasetCatalog.get(dataset_name)
     convention = pick_convention(dicts, src, dataset_name) if class_ids == "auto" else class_ids
     to_ours = _class_map(convention, dataset_name)
+    width = common_width(dicts, src)
     logger.info(f"Importing released SAM tokens of {dataset_name} from {src} (class ids: {convention}).")
     out_folder = token_cache_folder(output_root, dataset_name, cfg.MODEL.REGIONSPOT.SAM.TYPE)
     sam_weights = sam_weights_id(cfg)
@@ -164,6 +187,10 @@ def import_released_tokens(cfg, dataset_name: str, released_root: str, output_ro
             if not os.path.isfile(path):
                 raise TokenMismatch(f"no released token file {path}")
             f = read_released_file(path)
+            if f["tokens"].shape[1] != width:
+                raise TokenMismatch(
+                    f"{path} holds {f['tokens'].shape[1]}-d tokens, but the other released files of {dataset_name!r} "
+                    f"under {src} hold {width}-d tokens: it was made by another SAM and is not imported")
             anns = _non_crowd(d)
             file_classes = [to_ours(c) for c in f["classes"].tolist()]
             order = match_order(file_classes, [a["category_id"] for a in anns])

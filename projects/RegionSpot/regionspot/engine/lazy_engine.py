@@ -11,14 +11,17 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..checkpoint import RegionSpotCheckpointer
+from ..utils.lazy_overrides import check_overrides
 from .trainer import check_amp_device, create_ddp_model, encode_training_vocabularies
 
 logger = logging.getLogger("detectron2")
 
 
 def setup(args):
-    """The LazyConfig of `args.config_file` with `args.opts` (key=value) applied, after default_setup."""
+    """The LazyConfig of `args.config_file` with `args.opts` (key=value) applied, after default_setup.
+    Unknown keys and values of the wrong type are refused first (`check_overrides`)."""
     cfg = LazyConfig.load(args.config_file)
+    check_overrides(cfg, args.opts, args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
     return cfg
@@ -45,7 +48,7 @@ def do_train(args, cfg):
     model = create_ddp_model(model, **cfg.train.ddp)
     encode_training_vocabularies(model, cfg.dataloader.train.names)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = RegionSpotCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = RegionSpotCheckpointer(model, cfg.train.output_dir, trainer=trainer, key="train.init_checkpoint")
     eval_period = cfg.train.eval_period
     best_metric = cfg.train.get("best_metric", "")
     trainer.register_hooks([
@@ -66,9 +69,13 @@ def do_train(args, cfg):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        if args.resume and "evaluator" in cfg.dataloader:  # continue an interrupted evaluation
+            cfg.dataloader.evaluator.resume = True
+            cfg.dataloader.test.dataset.skip_completed_in = cfg.dataloader.evaluator.output_dir
         model = instantiate(cfg.model)
         model = create_ddp_model(model)
-        RegionSpotCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume)
+        # The weights are train.init_checkpoint, also with --resume (which resumes the evaluation).
+        RegionSpotCheckpointer(model, save_dir=cfg.train.output_dir, key="train.init_checkpoint").resume_or_load(
+            cfg.train.init_checkpoint, resume=False)
         return do_test(cfg, model)
     return do_train(args, cfg)

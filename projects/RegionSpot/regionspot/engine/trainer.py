@@ -18,7 +18,8 @@ from detectron2.utils import comm
 from ..checkpoint import RegionSpotCheckpointer
 from ..data.dataset_mapper import RegionSpotDatasetMapper, warn_degenerate_annotations
 from ..data.datasets import register_datasets_from_cfg
-from ..evaluation import build_regionspot_evaluator
+from ..evaluation import build_regionspot_evaluator, default_output_folder
+from ..evaluation_results import completed_image_ids, results_folder
 from ..modeling.head import RegionSpotHead
 from ..data.proposals import attach_proposals
 from ..modeling.region_pipeline import find_pipeline
@@ -77,14 +78,32 @@ def train_dataset_dicts(name: str, *, filter_empty: bool = True, token_folder: O
 
 
 def eval_dataset_dicts(name: str, *, proposal_file: str = "", missing_proposals: str = "error",
-                       proposal_box_mode: str = "XYXY") -> List[Dict]:
+                       proposal_box_mode: str = "XYXY", skip_completed_in: str = "") -> List[Dict]:
     """The dataset dicts of one evaluation set (empty images kept), with the proposals of
-    `proposal_file` attached when one is given (see `proposals.attach_proposals`)."""
+    `proposal_file` attached when one is given (see `proposals.attach_proposals`). With
+    `skip_completed_in` (an evaluation's output folder, when resuming), the images whose results
+    are already in its complete shards are left out, so the model never runs on them again."""
     dicts = get_detection_dataset_dicts([name], filter_empty=False)
+    if skip_completed_in:
+        done = completed_image_ids(results_folder(skip_completed_in))
+        if done:
+            before = len(dicts)
+            dicts = [d for d in dicts if d["image_id"] not in done]
+            logger.info(f"Resuming the evaluation of {name!r}: {before - len(dicts)} of {before} images are "
+                        f"complete in {results_folder(skip_completed_in)}; {len(dicts)} to go.")
     warn_degenerate_annotations(dicts, name, evaluation=True)
     if proposal_file:
         attach_proposals(dicts, proposal_file, missing_proposals, proposal_box_mode)
     return dicts
+
+
+def build_eval_loader(dataset: List[Dict], *, mapper, batch_size: int = 1, num_workers: int = 0, **kwargs):
+    """detectron2's test loader over `dataset`; an empty list (a resumed evaluation whose images are
+    all done) gives an empty loader, which detectron2's refuses to build."""
+    if len(dataset) == 0:
+        return []
+    return build_detection_test_loader(dataset, mapper=mapper, batch_size=batch_size, num_workers=num_workers,
+                                       **kwargs)
 
 
 def build_regionspot_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
@@ -233,13 +252,13 @@ class RegionSpotTrainer(DefaultTrainer):
                 )
             proposal_file = files[names.index(dataset_name)]
         dicts = eval_dataset_dicts(dataset_name, proposal_file=proposal_file, missing_proposals=c.MISSING_PROPOSALS,
-                                   proposal_box_mode=c.PROPOSAL_BOX_MODE)
+                                   proposal_box_mode=c.PROPOSAL_BOX_MODE,
+                                   skip_completed_in=default_output_folder(cfg, dataset_name) if c.EVAL.RESUME else "")
         mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=dataset_name)
         batch = cfg.MODEL.REGIONSPOT.TEST_IMS_PER_BATCH
         if batch < 1:
             raise ValueError(f"MODEL.REGIONSPOT.TEST_IMS_PER_BATCH must be >= 1, got {batch}.")
-        return build_detection_test_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                           batch_size=batch)
+        return build_eval_loader(dicts, mapper=mapper, num_workers=cfg.DATALOADER.NUM_WORKERS, batch_size=batch)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder=None):

@@ -90,10 +90,18 @@ class RegionSpot(RegionPipeline):
         tokens = []
         for i, x in enumerate(batched_inputs):
             if "sam_tokens" in x:  # cached mode: tokens were extracted offline for these boxes
+                width = x["sam_tokens"].shape[-1]
+                if width != self.sam_encoder.token_dim:
+                    raise ValueError(
+                        f"SAM token cache file {x.get('sam_tokens_file', '(image ' + str(x.get('image_id')) + ')')} "
+                        f"holds {width}-d tokens, but the model's SAM ({self.sam_encoder.__class__.__name__}, "
+                        f"MODEL.REGIONSPOT.SAM.TYPE) makes {self.sam_encoder.token_dim}-d tokens: the cache was made "
+                        "by another SAM. Re-extract it with tools/extract_sam_tokens.py, or set "
+                        "MODEL.REGIONSPOT.TOKEN_CACHE_DIR to the cache of this SAM.")
                 tokens.append(x["sam_tokens"].to(self.device).float())
             else:
                 boxes = x["instances"].gt_boxes.tensor.to(self.device)
-                tokens.append(self.decode_regions(sam_emb[i], tuple(images[i].shape[-2:]), boxes=boxes)[0])
+                tokens.append(self.decode_regions(sam_emb[i], tuple(images[i].shape[-2:]), boxes=boxes, masks=False)[0])
         classes = [x["instances"].gt_classes for x in batched_inputs]
         vocabularies = [x.get("vocabulary") for x in batched_inputs]
         return {"loss_focal": self.region_losses(tokens, clip_tokens, classes, vocabularies)}

@@ -12,13 +12,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.registry import Registry
 from torch import nn
 from torchvision.ops import nms
+
+from ..checkpoint import SafeDetectionCheckpointer
+from ..utils.lazy_overrides import check_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,9 @@ def load_detector(config: str, weights: str = "", opts=(), device: str = "cpu") 
         if not weights:
             weights = model_zoo.get_checkpoint_url(config)
     if path.endswith(".py"):
-        lazy = LazyConfig.apply_overrides(LazyConfig.load(path), list(opts))
+        lazy = LazyConfig.load(path)
+        check_overrides(lazy, list(opts), f"{path} (MODEL.REGIONSPOT.DETECTOR.OPTS)")
+        lazy = LazyConfig.apply_overrides(lazy, list(opts))
         model = instantiate(lazy.model)
         fmt = lazy.model.get("input_format", "BGR")
         try:
@@ -140,7 +144,8 @@ def load_detector(config: str, weights: str = "", opts=(), device: str = "cpu") 
         augs = [T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)]
     model.to(device).eval()
     if weights and weights != "random":
-        DetectionCheckpointer(model).load(weights)
+        # Never plain pickle (model-zoo .pkl files) nor a download without a timeout.
+        SafeDetectionCheckpointer(model, key="MODEL.REGIONSPOT.DETECTOR.WEIGHTS", what="detector weights").load(weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, {"format": fmt, "augmentations": augs}

@@ -212,12 +212,14 @@ class RegionPipeline(nn.Module):
     @torch.no_grad()
     def decode_regions(self, sam_embedding: torch.Tensor, image_size: Tuple[int, int],
                        boxes: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None,
-                       point_labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       point_labels: Optional[torch.Tensor] = None, masks: bool = True
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Region tokens (N, C) and low-res mask logits (N, 1, h, w) of one image's prompts: boxes
-        (N, 4) XYXY and/or points (N, P, 2) with labels, in the pixels of the `image_size` image."""
+        (N, 4) XYXY and/or points (N, P, 2) with labels, in the pixels of the `image_size` image.
+        With `masks=False` the decoder stops at the tokens (same tokens) and the logits are None."""
         with self.autocast():
             tokens, low_res = self.sam_encoder.decode_prompts(
-                sam_embedding, image_size, boxes=boxes, points=points, point_labels=point_labels)
+                sam_embedding, image_size, boxes=boxes, points=points, point_labels=point_labels, masks=masks)
         return tokens.float(), low_res
 
     def embed_regions(self, tokens: List[torch.Tensor], clip_tokens: torch.Tensor) -> List[torch.Tensor]:
@@ -249,9 +251,11 @@ class RegionPipeline(nn.Module):
         return probs if prompt_scores is None else probs * prompt_scores[:, None]
 
     def paste_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int],
-                    out_size: Tuple[int, int]) -> torch.Tensor:
-        """Boolean (N, H, W) masks at `out_size` from SAM's low-res logits of the kept regions."""
-        return self.sam_encoder.paste_masks(low_res, input_size, out_size, fast=self.fast_mask_paste)
+                    out_size: Tuple[int, int], return_windows: bool = False):
+        """Boolean (N, H, W) masks at `out_size` from SAM's low-res logits of the kept regions (and
+        with `return_windows` their windows, see `RegionEncoderBase.paste_masks`)."""
+        return self.sam_encoder.paste_masks(low_res, input_size, out_size, fast=self.fast_mask_paste,
+                                            return_windows=return_windows)
 
     def detections(self, probs: torch.Tensor, boxes: torch.Tensor, low_res: Optional[torch.Tensor],
                    image_size: Tuple[int, int], input_size: Tuple[int, int], out_size: Tuple[int, int],
@@ -273,7 +277,8 @@ class RegionPipeline(nn.Module):
                 masks = self.sam_encoder.box_masks(low_res[unique], input_size, image_size, boxes[unique], box_mask_size)
                 result.pred_masks = masks[inverse]
             else:
-                result.pred_masks = IndexedMasks(self.paste_masks(low_res[unique], input_size, out_size), inverse)
+                masks, windows = self.paste_masks(low_res[unique], input_size, out_size, return_windows=True)
+                result.pred_masks = IndexedMasks(masks, inverse, windows)
         return result
 
     def recognize(self, sam_emb: torch.Tensor, input_sizes: List[Tuple[int, int]], clip_tokens: torch.Tensor,
@@ -281,8 +286,9 @@ class RegionPipeline(nn.Module):
                   vocabularies: Sequence[Optional[VocabularyLike]],
                   prompt_scores: Optional[List[Optional[torch.Tensor]]] = None) -> List[Dict]:
         """Boxes of each image (XYXY in its `image_sizes` pixels) -> per image a dict with
-        `probs` (N, C), `low_res` mask logits and the vocabulary's `names`."""
-        decoded = [self.decode_regions(sam_emb[i], image_sizes[i], boxes=boxes[i]) for i in range(len(boxes))]
+        `probs` (N, C), `low_res` mask logits (None unless `mask_on`) and the vocabulary's `names`."""
+        decoded = [self.decode_regions(sam_emb[i], image_sizes[i], boxes=boxes[i], masks=self.mask_on)
+                   for i in range(len(boxes))]
         region_emb = self.embed_regions([d[0] for d in decoded], clip_tokens)
         out = []
         for i, (emb, (_, low_res)) in enumerate(zip(region_emb, decoded)):

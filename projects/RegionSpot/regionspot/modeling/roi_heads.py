@@ -59,7 +59,8 @@ class RegionSpotROIHeads(ROIHeads):
         c = cfg.MODEL.REGIONSPOT
         regionspot = RegionPipeline(cfg)
         if c.HEAD_WEIGHTS:  # the fusion head (and any frozen weights in the file), ours or the original's
-            RegionSpotCheckpointer(regionspot, allow_random_head=c.ALLOW_RANDOM_HEAD).load(c.HEAD_WEIGHTS)
+            RegionSpotCheckpointer(regionspot, allow_random_head=c.ALLOW_RANDOM_HEAD,
+                                   key="MODEL.REGIONSPOT.HEAD_WEIGHTS").load(c.HEAD_WEIGHTS)
         return {
             **super().from_config(cfg),
             "regionspot": regionspot,
@@ -89,7 +90,8 @@ class RegionSpotROIHeads(ROIHeads):
             if targets is None:
                 raise ValueError("RegionSpotROIHeads needs the gt instances in training.")
             sam_emb, _, clip_tokens = rs.encode_images(rgb)
-            tokens = [rs.decode_regions(sam_emb[i], sizes[i], boxes=t.gt_boxes.tensor)[0] for i, t in enumerate(targets)]
+            tokens = [rs.decode_regions(sam_emb[i], sizes[i], boxes=t.gt_boxes.tensor, masks=False)[0]
+                      for i, t in enumerate(targets)]
             loss = rs.region_losses(tokens, clip_tokens, [t.gt_classes for t in targets],
                                     [self.train_vocabulary] * len(targets))
             return proposals, {"loss_focal": loss}

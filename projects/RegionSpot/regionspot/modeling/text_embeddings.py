@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..utils.file_io import atomic_torch_save, content_checksum
+from ..utils.safe_load import UnsafeFileError, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ def load_embedding_file(path: str, fingerprint: Optional[str] = None, require_ch
     (the cache, which can recompute) it is refused; otherwise it is read with a warning.
     """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch_load(path, path)  # tensors and plain data only: no code runs
+    except UnsafeFileError:
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"Text-embedding file not found: {path}") from None
     except Exception as e:

@@ -16,11 +16,11 @@ import urllib.request
 from typing import Any, Dict, Optional, Union
 from urllib.parse import urlparse
 
-import torch
 from iopath.common.file_io import file_lock, get_cache_dir
 from tqdm import tqdm
 
 from .file_io import atomic_write
+from .safe_load import UnsafeFileError, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ def open_weights(local: str) -> Union[str, io.BytesIO]:
 
 
 def load_weights_file(path: str, what: str, key: str = "") -> Dict[str, Any]:
-    """torch.load a weights file (gzip-compressed or not), turning truncation and corruption into
-    an error that names it (and its config `key`).
+    """torch.load a weights file (gzip-compressed or not) with weights_only (see `safe_load`),
+    turning truncation and corruption into an error that names it (and its config `key`).
 
     A corrupt file (random bytes, truncated, empty, another pickle) can raise almost any
     exception from the unpickler, so every one is caught and re-raised with the file's name
@@ -195,7 +195,9 @@ def load_weights_file(path: str, what: str, key: str = "") -> Dict[str, Any]:
     """
     local = resolve_weights(path, what, key)
     try:
-        obj = torch.load(open_weights(local), map_location="cpu", weights_only=False)
+        obj = torch_load(open_weights(local), local, key)  # tensors and plain data only: no code runs
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"The {what} file {local}{f' ({key})' if key else ''} is corrupt, truncated or not a PyTorch file "

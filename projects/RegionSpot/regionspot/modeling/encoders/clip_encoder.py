@@ -18,6 +18,7 @@ from clip.model import build_model as build_clip_from_state_dict
 from detectron2.config import configurable
 from torch import nn
 
+from ...utils.safe_load import UnsafeFileError, check_torchscript, torch_load
 from ...utils.weights import download, open_weights, resolve_weights
 from ..text_embeddings import clip_fingerprint
 from .seeding import RANDOM_INIT_SEED, seeded_random_init
@@ -82,22 +83,30 @@ def build_clip(name: str, checkpoint: str = "", download_root: str = "", seed: i
         # OpenAI's files are TorchScript archives; others are plain state dicts. (clip.load
         # reads both, but reuses one file handle for the second try and fails on plain files.)
         source = open_weights(local)
-        if _is_torchscript(source):
+        if _is_torchscript(source):  # code as well as weights: only OpenAI's released files (by SHA256)
+            check_torchscript(source, local, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", official_clip_sha256())
             state = torch.jit.load(source, map_location="cpu").state_dict()
         else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+            state = torch_load(source, local, "MODEL.REGIONSPOT.CLIP.CHECKPOINT")
         if not isinstance(state, dict):
             raise TypeError(f"it holds a {type(state).__name__}, not a state dict")
         state = {k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")}
         model = build_clip_from_state_dict(dict(state)).float()
         # build_model rounds to fp16 as OpenAI ships it; load again so fp32 files stay exact.
         model.load_state_dict(state)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"The CLIP checkpoint {local} (MODEL.REGIONSPOT.CLIP.CHECKPOINT) is corrupt, truncated or not an "
             f"OpenAI-format CLIP file ({type(e).__name__}: {e})."
         ) from e
     return model.eval()
+
+
+def official_clip_sha256() -> set:
+    """SHA256 checksums of OpenAI's released CLIP files (each is part of its download URL)."""
+    return {url.split("/")[-2] for url in clip.clip._MODELS.values()}
 
 
 def download_clip(name: str, download_root: str = "") -> str:
@@ -108,7 +117,7 @@ def download_clip(name: str, download_root: str = "") -> str:
     root = os.path.expanduser(download_root or "~/.cache/clip")
     target = os.path.join(root, os.path.basename(url))
     return download(url, "MODEL.REGIONSPOT.CLIP.CHECKPOINT", f"CLIP {name} weights", target=target,
-                    sha256=url.split("/")[-2],
+                    sha256=url.split("/")[-2],  # clip.load then jit-loads only this checked file
                     hint=f" (OpenAI's {name} file, the model MODEL.REGIONSPOT.CLIP.NAME names), or put it at {target}")
 def _is_torchscript(source) -> bool:
     """Whether a weights file (path or bytes buffer) is a TorchScript archive (OpenAI's releases)

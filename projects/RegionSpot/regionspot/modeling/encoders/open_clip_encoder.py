@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import logging
 import os
+import pickle
 import tempfile
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -37,6 +38,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ...utils.extras import require_extra
+from ...utils.safe_load import UnsafeFileError, torch_load
 from ...utils.weights import open_weights, resolve_weights
 from .seeding import RANDOM_INIT_SEED, seeded_random_init
 from .vision_language import VISION_LANGUAGE_ENCODER_REGISTRY, check_resize_mode, squash_to_square
@@ -186,7 +188,13 @@ def build_open_clip(name: str, pretrained: str = "", checkpoint: str = "", input
     # is reported with the file and the key, the original chained as the cause.
     try:
         with _plain_weights_file(local) as path:
-            return _create(oc, arch, seed, pretrained=path, force_preprocess_cfg=stats, **kwargs)
+            try:  # open_clip reads the file with torch.load(weights_only=True)
+                return _create(oc, arch, seed, pretrained=path, force_preprocess_cfg=stats, **kwargs)
+            except pickle.UnpicklingError:
+                torch_load(path, local, CHECKPOINT_KEY)  # a class it refused: say which, and where
+                raise
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise RuntimeError(
             f"The open_clip checkpoint {local} ({CHECKPOINT_KEY}) is corrupt, truncated or not weights of the "

@@ -107,8 +107,11 @@ class RegionEncoderBase(nn.Module):
         raise NotImplementedError
 
     def decode_prompts(self, embedding, original_size: Tuple[int, int], boxes: Optional[torch.Tensor] = None,
-                       points: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                       points: Optional[torch.Tensor] = None, point_labels: Optional[torch.Tensor] = None,
+                       masks: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Region tokens (N, C) and low-res mask logits (N, 1, h, w) of N prompts; with
+        `masks=False` the decoder stops at the region token (its mask upscaling, hypernetworks
+        and IoU head are skipped) and the logits are None."""
         raise NotImplementedError
 
     def _upsample_logits(self, low_res: torch.Tensor, input_size: Tuple[int, int],
@@ -125,40 +128,168 @@ class RegionEncoderBase(nn.Module):
         return 4 if device.type == "cpu" else 64
 
     def _decode_in_chunks(self, num: int, like: torch.Tensor,
-                          decode: Callable[[slice], Tuple[torch.Tensor, torch.Tensor]]
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`decode(chunk)` -> (tokens, low-res logits) over `num` prompts, `chunk_for` at a time,
-        concatenated; no prompts give empty (0, C) tokens and (0, 1, S/4, S/4) logits like `like`."""
+                          decode: Callable[[slice], Tuple[torch.Tensor, Optional[torch.Tensor]]], masks: bool = True
+                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`decode(chunk)` -> (tokens, low-res logits or None) over `num` prompts, `chunk_for` at a
+        time, concatenated; no prompts give empty (0, C) tokens and (0, 1, S/4, S/4) logits like
+        `like`. Logits are None when `masks` is False."""
         step = self.chunk_for(like.device)
         out = [decode(slice(start, start + step)) for start in range(0, num, step)]
-        if not out:
-            n = self.image_size // 4
-            return like.new_zeros((0, self.token_dim)), like.new_zeros((0, 1, n, n))
-        return torch.cat([t for t, _ in out]), torch.cat([m for _, m in out])
+        n = self.image_size // 4
+        tokens = torch.cat([t for t, _ in out]) if out else like.new_zeros((0, self.token_dim))
+        if not masks:
+            return tokens, None
+        return tokens, torch.cat([m for _, m in out]) if out else like.new_zeros((0, 1, n, n))
 
-    def decode_boxes(self, embedding, boxes: torch.Tensor, original_size: Tuple[int, int]
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode_boxes(self, embedding, boxes: torch.Tensor, original_size: Tuple[int, int], masks: bool = True
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decode boxes (N, 4, XYXY in original pixels) of one image, in chunks.
 
-        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w).
+        Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w), None without `masks`.
         """
-        return self.decode_prompts(embedding, original_size, boxes=boxes)
+        return self.decode_prompts(embedding, original_size, boxes=boxes, masks=masks)
+
+    # Float elements a paste samples at once (masks x window pixels): bounds its buffers at any image size.
+    paste_pixels = 1 << 22
 
     def paste_masks(
         self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-        fast: bool = False, chunk: int = 16,
-    ) -> torch.Tensor:
+        fast: bool = False, chunk: int = 16, return_windows: bool = False,
+    ):
         """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size.
 
         The plain way is the SAM package's own upsampling (`_upsample_logits`; for SAM: upsample
         to the padded S x S input, crop the image, resize to the original size). `fast=True`
         samples the original-size grid straight from the low-res logits, one bilinear
         interpolation without an S x S buffer; tests check the two agree (IoU >= 0.99).
-        Masks are pasted `chunk` at a time, so the float buffers stay bounded.
+
+        A mask can only be True near low-res cells above the threshold: each output pixel is a
+        convex combination of a few cells, so where they are all <= 0 it is <= 0 too. Each mask's
+        window (`mask_windows`) bounds that, and the fast paste samples only there (windows of
+        similar size together, `paste_pixels` samples at a time); the rest stays False, so the
+        masks are those of the whole grid, pixel for pixel. The plain paste samples the whole
+        image of each mask whose window is not empty (a windowed resize would compute its source
+        coordinates from other sizes and round differently), at most `chunk` masks and
+        `paste_pixels` pixels at a time.
+
+        Returns the masks, and with `return_windows` also their (N, 4) windows `y0, y1, x0, x1`
+        (False outside; `regionspot.mask_rle` encodes a mask from its window's columns).
         """
-        if low_res.shape[0] == 0:
-            return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
-        return torch.cat([self._paste_chunk(c, input_size, original_size, fast) for c in low_res.split(chunk)])
+        n = low_res.shape[0]
+        windows = self.mask_windows(low_res, input_size, original_size, fast)
+        # Unless the paste writes every pixel of every mask, all are False first.
+        sizes = torch.stack([windows[:, 1] - windows[:, 0], windows[:, 3] - windows[:, 2]], dim=1)
+        written = (sizes == sizes.new_tensor(original_size)).all(dim=1) if fast else (sizes > 0).all(dim=1)
+        if bool(written.all()):
+            masks = torch.empty((n, *original_size), dtype=torch.bool, device=low_res.device)
+        else:
+            masks = torch.zeros((n, *original_size), dtype=torch.bool, device=low_res.device)
+        if n:
+            if fast:
+                self._paste_windows(low_res, windows, input_size, original_size, masks)
+            else:
+                self._paste_plain(low_res, windows, input_size, original_size, masks, chunk)
+        return (masks, windows) if return_windows else masks
+
+    def _upsample_stages(self, input_size: Tuple[int, int], original_size: Tuple[int, int]
+                         ) -> Tuple[List[Tuple[float, int]], List[Tuple[float, int]]]:
+        """The bilinear resizes of `_upsample_logits`, per axis (rows, columns): (scale = input /
+        output size, output positions kept after the resize). Default: one resize of the whole
+        low-res map to the original size (SAM 2's `postprocess_masks`)."""
+        n = self.image_size // 4
+        return [(n / original_size[0], original_size[0])], [(n / original_size[1], original_size[1])]
+
+    def mask_windows(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                     fast: bool = False) -> torch.Tensor:
+        """(N, 4) int64 `y0, y1, x0, x1` per mask: the original-size pixels that the paste (`fast`
+        or plain) can set, i.e. those whose interpolation reads a low-res cell above the threshold
+        (with a pixel to spare each side); (0, 0, 0, 0) for a mask with no such cell."""
+        H, W = original_size
+        n = low_res.shape[0]
+        full = torch.tensor([[0, H, 0, W]], dtype=torch.int64, device=low_res.device).expand(n, 4)
+        if self.mask_threshold != 0:  # the sign argument holds for 0 (both SAM families' threshold)
+            return full.clone()
+        active = low_res[:, 0] > self.mask_threshold
+        h, w = active.shape[-2:]
+        if fast:  # grid_sample maps output pixel i to low-res coordinate (i + 0.5) * scale - 0.5
+            rows = [(input_size[0] * h / (self.image_size * H), H)]
+            cols = [(input_size[1] * w / (self.image_size * W), W)]
+        else:
+            rows, cols = self._upsample_stages(input_size, original_size)
+        # (N, n) flags are small: the reach is computed on the host, in float64 (which not every
+        # accelerator has).
+        y0, y1 = _reach(active.any(dim=2).cpu(), rows)
+        x0, x1 = _reach(active.any(dim=1).cpu(), cols)
+        empty = (y1 <= y0) | (x1 <= x0)
+        windows = torch.stack([y0, y1, x0, x1], dim=1)
+        return torch.where(empty[:, None], torch.zeros_like(windows), windows).to(low_res.device)
+
+    def _paste_windows(self, low_res: torch.Tensor, windows: torch.Tensor, input_size: Tuple[int, int],
+                       original_size: Tuple[int, int], out: torch.Tensor) -> None:
+        """The fast paste of each mask's window into `out`: grid_sample at the same grid points as
+        the whole-image grid (each output pixel depends only on its own grid point)."""
+        H, W = original_size
+        S = float(self.image_size)
+        dev = low_res.device
+        # Output pixel centres, mapped into the padded input frame, as grid_sample's [-1, 1]
+        # coordinates over the low-res map (align_corners=False convention).
+        gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
+        gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
+        heights, widths = (windows[:, 1] - windows[:, 0]).tolist(), (windows[:, 3] - windows[:, 2]).tolist()
+        todo = sorted((i for i in range(len(heights)) if heights[i] and widths[i]),
+                      key=lambda i: (heights[i], widths[i]))
+        start, shared_grids = 0, {}
+        while start < len(todo):  # masks of similar windows together, within paste_pixels
+            stop, R, C = start + 1, heights[todo[start]], widths[todo[start]]
+            own = R * C
+            while stop < len(todo):
+                r, c = max(R, heights[todo[stop]]), max(C, widths[todo[stop]])
+                samples = (stop + 1 - start) * r * c
+                own_next = own + heights[todo[stop]] * widths[todo[stop]]
+                if samples > self.paste_pixels or samples > 2 * own_next:  # at most twice the windows' pixels
+                    break
+                stop, R, C, own = stop + 1, r, c, own_next
+            idx = torch.tensor(todo[start:stop], device=dev)
+            # A window of R x C that holds each mask's own (every pixel in it is a real pixel of
+            # the whole-image paste, so the larger window is exact too).
+            top = torch.minimum(windows[idx, 0], torch.tensor(H - R, device=dev))
+            left = torch.minimum(windows[idx, 2], torch.tensor(W - C, device=dev))
+            cols = left[:, None] + torch.arange(C, device=dev)  # (n, C)
+            band = max(1, self.paste_pixels // (len(idx) * C))  # rows at a time: one huge window in bands
+            shared = bool((top == top[0]).all() and (left == left[0]).all())  # e.g. whole-image windows
+            for r0 in range(0, R, band):
+                rows = top[:, None] + torch.arange(r0, min(R, r0 + band), device=dev)  # (n, r)
+                # Grid points (x, y), copied in place (stacking broadcast views is slow on a CPU);
+                # a window shared by all masks of a group gets one grid, reused by later groups.
+                key = (int(top[0]) + r0, rows.shape[1], int(left[0]), C) if shared else None
+                grid = shared_grids.get(key)
+                if grid is None:
+                    grid = torch.empty((1 if shared else len(idx), rows.shape[1], C, 2), device=dev)
+                    grid[..., 0] = gx[cols[:grid.shape[0]]][:, None, :]
+                    grid[..., 1] = gy[rows[:grid.shape[0]]][:, :, None]
+                    if shared:
+                        shared_grids = {key: grid}
+                grid = grid.expand(len(idx), -1, -1, -1)
+                logits = F.grid_sample(low_res[idx].float(), grid, mode="bilinear", padding_mode="border",
+                                       align_corners=False)
+                sampled = logits[:, 0] > self.mask_threshold
+                if shared:
+                    y, x = int(top[0]) + r0, int(left[0])
+                    out[idx, y: y + rows.shape[1], x: x + C] = sampled
+                    continue
+                for j, (i, y, x) in enumerate(zip(todo[start:stop], top.tolist(), left.tolist())):
+                    out[i, y + r0: y + r0 + rows.shape[1], x: x + C] = sampled[j]
+            start = stop
+
+    def _paste_plain(self, low_res: torch.Tensor, windows: torch.Tensor, input_size: Tuple[int, int],
+                     original_size: Tuple[int, int], out: torch.Tensor, chunk: int) -> None:
+        """The package's own upsampling of each mask with a non-empty window, into `out`."""
+        frame = max(self.image_size ** 2, original_size[0] * original_size[1])
+        step = max(1, min(chunk, self.paste_pixels // frame))
+        todo = ((windows[:, 1] > windows[:, 0]) & (windows[:, 3] > windows[:, 2])).nonzero().flatten()
+        for idx in todo.split(step):
+            logits = self._upsample_logits(low_res[idx].float(), input_size, original_size)
+            out[idx] = logits[:, 0] > self.mask_threshold
 
     def box_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], image_size: Tuple[int, int],
                   boxes: torch.Tensor, size: int = 112) -> torch.Tensor:
@@ -178,19 +309,22 @@ class RegionEncoderBase(nn.Module):
         logits = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
         return (logits - self.mask_threshold).sigmoid()
 
-    def _paste_chunk(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                     fast: bool) -> torch.Tensor:
-        if not fast:
-            masks = self._upsample_logits(low_res.float(), input_size, original_size)
-            return masks[:, 0] > self.mask_threshold
-        H, W = original_size
-        S = float(self.image_size)
-        dev = low_res.device
-        # Output pixel centres, mapped into the padded input frame, as grid_sample's [-1, 1]
-        # coordinates over the low-res map (align_corners=False convention).
-        gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
-        gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
-        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
-        grid = grid[None].expand(low_res.shape[0], H, W, 2)
-        masks = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return masks[:, 0] > self.mask_threshold
+
+def _reach(active: torch.Tensor, stages: List[Tuple[float, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `active` (N, n: which low-res cells are above the threshold along one axis),
+    the output positions [lo, hi) that bilinear resizes (align_corners=False) by `stages` (scale,
+    positions kept) can make positive. Position i reads cells floor(u) and floor(u) + 1 at
+    u = (i + 0.5) * scale - 0.5 (clamped at the borders), so it can be positive only when
+    lo - 1 <= u < hi + 1 for the active cells lo..hi; one more position is kept each side
+    against rounding. Empty rows give lo >= hi."""
+    n = active.shape[1]
+    pos = torch.arange(n, device=active.device)
+    ok = active.any(dim=1)
+    lo = torch.where(active, pos, n).amin(dim=1).double()
+    hi = torch.where(active, pos, -1).amax(dim=1).double()  # inclusive
+    for scale, size in stages:
+        lo = (torch.floor((lo - 0.5) / scale - 0.5) - 1).clamp(min=0)
+        hi = (torch.ceil((hi + 1.5) / scale - 0.5) + 1).clamp(max=size - 1)
+        ok &= hi >= lo  # e.g. cells only in the padding that a crop drops
+    zero = torch.zeros_like(lo, dtype=torch.long)
+    return torch.where(ok, lo.long(), zero), torch.where(ok, hi.long() + 1, zero)

@@ -224,7 +224,8 @@ class Sam2RegionEncoder(RegionEncoderBase):
         boxes: Optional[torch.Tensor] = None,
         points: Optional[torch.Tensor] = None,
         point_labels: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        masks: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decode N region prompts of one image, in chunks: boxes, point sets, or both per region.
 
         Args:
@@ -233,6 +234,7 @@ class Sam2RegionEncoder(RegionEncoderBase):
             boxes: (N, 4) XYXY boxes, or None.
             points: (N, P, 2) XY points, P per region, or None.
             point_labels: (N, P) SAM point labels: 1 foreground, 0 background, -1 padding.
+            masks: False: stop at the region token (`_decode_tokens`); the logits are None.
         Returns region tokens (N, C) and low-resolution mask logits (N, 1, S/4, S/4), as
         `SAM2ImagePredictor._predict(..., multimask_output=False)` computes them (its low-res
         output is these logits clamped to [-32, 32]).
@@ -256,6 +258,8 @@ class Sam2RegionEncoder(RegionEncoderBase):
 
         def decode(chunk: slice) -> Tuple[torch.Tensor, torch.Tensor]:
             sparse, dense = self.sam.sam_prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
+            if not masks:
+                return self._decode_tokens(image_embed, dense_pe, sparse, dense), None
             low_res, _, sam_tokens, _ = self.sam.sam_mask_decoder(
                 image_embeddings=image_embed,
                 image_pe=dense_pe,
@@ -267,7 +271,27 @@ class Sam2RegionEncoder(RegionEncoderBase):
             )
             return sam_tokens[:, 0], low_res
 
-        return self._decode_in_chunks(num, image_embed, decode)
+        return self._decode_in_chunks(num, image_embed, decode, masks)
+
+    def _decode_tokens(self, image_embed: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
+                       dense: torch.Tensor) -> torch.Tensor:
+        """The region tokens of SAM 2's `MaskDecoder.predict_masks` without its masks: the same
+        output-token concatenation (object-score token first when the model has one), image
+        repetition and two-way transformer, then mask token 0 (its `sam_tokens_out` with
+        `multimask_output=False`); the upscaling with the high-res features, hypernetworks and
+        IoU and object-score heads, which only make masks, are skipped."""
+        decoder = self.sam.sam_mask_decoder
+        weights = [decoder.iou_token.weight, decoder.mask_tokens.weight]
+        s = 1 if decoder.pred_obj_scores else 0
+        if decoder.pred_obj_scores:
+            weights.insert(0, decoder.obj_score_token.weight)
+        output_tokens = torch.cat(weights, dim=0).unsqueeze(0).expand(sparse.size(0), -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        src = torch.repeat_interleave(image_embed, tokens.shape[0], dim=0) if sparse.shape[0] > 1 else image_embed
+        src = src + dense
+        pos_src = torch.repeat_interleave(dense_pe, tokens.shape[0], dim=0)
+        hs, _ = decoder.transformer(src, pos_src, tokens)
+        return hs[:, s + 1, :]
 
     @torch.no_grad()
     def auto_boxes(self, image: torch.Tensor, embedding: Sam2Features, input_size: Tuple[int, int],

@@ -193,7 +193,8 @@ class SamRegionEncoder(RegionEncoderBase):
         boxes: Optional[torch.Tensor] = None,
         points: Optional[torch.Tensor] = None,
         point_labels: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        masks: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Decode N region prompts of one image, in chunks: boxes, point sets, or both per region.
 
         Args:
@@ -202,6 +203,7 @@ class SamRegionEncoder(RegionEncoderBase):
             boxes: (N, 4) XYXY boxes, or None.
             points: (N, P, 2) XY points, P per region, or None.
             point_labels: (N, P) SAM point labels: 1 foreground, 0 background, -1 padding.
+            masks: False: stop at the region token (`_decode_tokens`); the logits are None.
         Returns region tokens (N, C) and low-resolution mask logits (N, 1, h, w), as
         `SamPredictor.predict_torch(..., multimask_output=False)` would give them.
         """
@@ -221,6 +223,8 @@ class SamRegionEncoder(RegionEncoderBase):
                 boxes=boxes[chunk] if boxes is not None else None,
                 masks=None,
             )
+            if not masks:
+                return self._decode_tokens(embedding, dense_pe, sparse, dense), None
             self._captured.clear()
             self._capturing = True
             try:
@@ -235,7 +239,22 @@ class SamRegionEncoder(RegionEncoderBase):
                 self._capturing = False
             return self._captured.pop(), low_res
 
-        return self._decode_in_chunks(num, embedding, decode)
+        return self._decode_in_chunks(num, embedding, decode, masks)
+
+    def _decode_tokens(self, embedding: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
+                       dense: torch.Tensor) -> torch.Tensor:
+        """The region tokens of `MaskDecoder.predict_masks` without its masks: the same output-token
+        concatenation and two-way transformer, then token 1 (what `_capture_tokens` reads); the
+        mask upscaling, hypernetworks and IoU head, which only make masks, are skipped."""
+        decoder = self.sam.mask_decoder
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        src = torch.repeat_interleave(embedding[None], tokens.shape[0], dim=0)
+        src = src + dense
+        pos_src = torch.repeat_interleave(dense_pe, tokens.shape[0], dim=0)
+        hs, _ = decoder.transformer(src, pos_src, tokens)
+        return hs[:, 1, :]
 
     @torch.no_grad()
     def auto_boxes(self, image: torch.Tensor, embedding: torch.Tensor, input_size: Tuple[int, int],
@@ -251,3 +270,8 @@ class SamRegionEncoder(RegionEncoderBase):
                          original_size: Tuple[int, int]) -> torch.Tensor:
         """SAM's own `postprocess_masks`: upsample to the padded S x S input, crop, resize."""
         return self.sam.postprocess_masks(low_res, input_size, original_size)
+
+    def _upsample_stages(self, input_size: Tuple[int, int], original_size: Tuple[int, int]):
+        """`postprocess_masks`' resizes per axis: low-res to the S x S frame, kept to the resized
+        image's side; then that side to the original size (see `RegionEncoderBase.mask_windows`)."""
+        return tuple([(0.25, input_size[a]), (input_size[a] / original_size[a], original_size[a])] for a in (0, 1))

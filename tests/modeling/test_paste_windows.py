@@ -1,0 +1,134 @@
+"""Windowed mask pasting gives the masks of pasting the whole image, pixel for pixel.
+
+The oracle below is the whole-image paste as it was before windows (kept here verbatim, so the
+test does not compare the code with itself): SAM's or SAM 2's own upsampling for the plain paste,
+one grid_sample over every output pixel for the fast one.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regionspot.modeling.encoders.sam2_encoder import Sam2RegionEncoder, build_sam2_model
+from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_tiny_sam
+
+
+def _oracle_paste_chunk(enc, low_res, input_size, original_size, fast):
+    if not fast:
+        masks = enc._upsample_logits(low_res.float(), input_size, original_size)
+        return masks[:, 0] > enc.mask_threshold
+    H, W = original_size
+    S = float(enc.image_size)
+    dev = low_res.device
+    gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
+    gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+    grid = grid[None].expand(low_res.shape[0], H, W, 2)
+    masks = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return masks[:, 0] > enc.mask_threshold
+
+
+def _oracle_paste(enc, low_res, input_size, original_size, fast, chunk=16):
+    if low_res.shape[0] == 0:
+        return torch.zeros((0, *original_size), dtype=torch.bool, device=low_res.device)
+    return torch.cat([_oracle_paste_chunk(enc, c, input_size, original_size, fast) for c in low_res.split(chunk)])
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return {"tiny": SamRegionEncoder(build_tiny_sam()).eval(),
+            "sam2_tiny": Sam2RegionEncoder(build_sam2_model("sam2_tiny")).eval()}
+
+
+def _input_size(enc, size):
+    if isinstance(enc, Sam2RegionEncoder):
+        return (enc.image_size, enc.image_size)  # SAM 2 squashes the image to its square input
+    return enc.transform.get_preprocess_shape(size[0], size[1], enc.image_size)
+
+
+def _logits(n_side: int, seed: int) -> torch.Tensor:
+    """Low-res logits of every kind: small and large blobs anywhere, blobs on each border and
+    corner, one positive cell (corners, centre), all negative, all positive, and a cell just
+    above the threshold in a sea of negatives."""
+    g = torch.Generator().manual_seed(seed)
+    blobs = F.interpolate(torch.randn(10, 1, 6, 6, generator=g), n_side, mode="bicubic") * 4 - 2
+    out = [blobs]
+    base = torch.full((1, 1, n_side, n_side), -5.0)
+    for y, x in [(0, 0), (0, n_side - 1), (n_side - 1, 0), (n_side - 1, n_side - 1), (n_side // 2, n_side // 3)]:
+        one = base.clone()
+        one[..., y, x] = 3.0
+        out.append(one)
+    for border in ((slice(None), slice(0, 2)), (slice(None), slice(n_side - 2, None)),
+                   (slice(0, 1), slice(None)), (slice(n_side - 3, None), slice(None))):
+        edge = base.clone()
+        edge[0, 0][border] = 1.5
+        out.append(edge)
+    tiny = base.clone()
+    tiny[..., 7, 9] = 1e-6
+    out += [base.clone(), torch.full_like(base, 2.0), tiny]
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("size", [(192, 256), (333, 500), (500, 333), (97, 131), (256, 256), (17, 403), (480, 640)])
+def test_windowed_paste_equals_the_whole_image_paste(encoders, family, fast, size):
+    enc = encoders[family]
+    low = _logits(enc.image_size // 4, seed=size[0] + size[1])
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast)
+    masks, windows = enc.paste_masks(low, input_size, size, fast=fast, return_windows=True)
+    assert masks.shape == expected.shape == (low.shape[0], *size)
+    assert expected.any() and (~expected).any()
+    assert torch.equal(masks, expected)
+    # Every True pixel is inside its window, and the windows are tighter than the image for
+    # the small blobs (the point of them).
+    for m, (y0, y1, x0, x1) in zip(expected, windows.tolist()):
+        inside = torch.zeros_like(m)
+        inside[y0:y1, x0:x1] = True
+        assert not (m & ~inside).any()
+    areas = (windows[:, 1] - windows[:, 0]) * (windows[:, 3] - windows[:, 2])
+    assert (areas[10:15] < size[0] * size[1] / 4).all()  # one positive cell: a small window
+    assert areas[-3] == 0  # all negative: nothing sampled
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_paste_in_small_pieces_gives_the_same_masks(encoders, fast, monkeypatch):
+    """Bounded memory: with a sample budget below one mask's window the paste goes row band by
+    row band (fast) or mask by mask (plain), with the same result."""
+    enc = encoders["tiny"]
+    low, size = _logits(enc.image_size // 4, seed=1), (211, 377)
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast)
+    monkeypatch.setattr(enc, "paste_pixels", 1000)
+    assert torch.equal(enc.paste_masks(low, input_size, size, fast=fast), expected)
+
+
+def test_no_masks(encoders):
+    enc = encoders["tiny"]
+    masks, windows = enc.paste_masks(torch.zeros(0, 1, 64, 64), (256, 192), (40, 30), fast=True, return_windows=True)
+    assert masks.shape == (0, 40, 30) and windows.shape == (0, 4)
+
+
+def test_detections_carry_windows_and_give_detectron2s_records(synthetic_val):
+    """The model's shared masks come with their windows, and the evaluator's records (RLE from
+    the windows) are detectron2's records of the dense masks."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+    from detectron2.modeling import build_model
+
+    from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
+    from regionspot.evaluation import instances_to_json
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    mapper = RegionSpotDatasetMapper(cfg, is_train=False, dataset_name=synthetic_val)
+    for out in model([mapper(d) for d in DatasetCatalog.get(synthetic_val)[:2]]):
+        inst = out["instances"]
+        masks = inst.pred_masks
+        assert masks.windows is not None and masks.windows.shape == (masks.masks.shape[0], 4)
+        dense = inst[:]
+        dense.pred_masks = masks.tensor
+        assert instances_to_json(inst, 1) == instances_to_coco_json(dense, 1)
