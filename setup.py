@@ -70,7 +70,7 @@ setup(
         "open_clip": ["open-clip-torch==3.3.0"],
         # tools/web_demo.py; gradio pins its own client (gradio-client==2.7.2, the tests' API driver).
         "web": ["gradio==6.31.0"],
-        # ONNX export of the head and its check with onnxruntime.
+        # tools/export_onnx.py and the onnxruntime predictor (regionspot_deploy, which needs no torch).
         "deploy": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
         # The fast C++ evaluation engine (regionspot/fast_eval.py); without it lvis/pycocotools run.
         "fasteval": ["faster-coco-eval==1.8.0"],

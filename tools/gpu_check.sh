@@ -11,6 +11,7 @@
 #                                           # 8 min in all), writes OUTDIR/gpu_check.json and .md
 #   tools/gpu_check.sh run OUTDIR --dry-run # the same on the CPU with tiny SAM and CLIP (tests; no
 #                                           # time budget: its work is 4 small images per configuration)
+#   Then OUTDIR/tensorrt/: TensorRT fp16 engines of the exported ONNX graphs (tools/tensorrt_check.py)
 #
 # With the device tool:
 #   run(command="bash tools/gpu_check.sh run $OUT", carry=[".gpu_wheels"], timeout_s=540)
@@ -92,6 +93,9 @@ run() {
   # Our package from the working tree, ahead of any installed copy.
   export PYTHONPATH="$ROOT/projects/RegionSpot${PYTHONPATH:+:$PYTHONPATH}"
   "$py" "$ROOT/tools/gpu_check.py" "$out" "$@"
+  # TensorRT fp16 engines of the exported graphs beside PyTorch (tools/tensorrt_check.py; planned
+  # only, and said so, where TensorRT is not installed or with --dry-run).
+  "$py" "$ROOT/tools/tensorrt_check.py" "$out/tensorrt" "$@"
 }
 
 case "${1:-}" in

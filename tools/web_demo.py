@@ -53,6 +53,7 @@ from PIL import Image  # noqa: E402
 
 from regionspot.config import get_regionspot_cfg  # noqa: E402
 from regionspot.data.images import read_image  # noqa: E402
+from regionspot.deploy import OnnxPredictorAdapter  # noqa: E402
 from regionspot.data.prompt_files import image_id_of  # noqa: E402
 from regionspot.demo.access import MODEL_CHANGE_OFF, PageAccess  # noqa: E402
 from regionspot.demo.errors import DemoError  # noqa: E402
@@ -96,9 +97,12 @@ class WebDemo:
 
     def __init__(self, config_file: str = DEFAULT_CONFIG, weights: Optional[str] = None,
                  opts: Sequence[str] = (), top_k: int = 3, allow_paths: Sequence[str] = (),
-                 allow_model_change: bool = False):
+                 allow_model_change: bool = False, onnx: str = ""):
+        """`onnx`: an exported folder (tools/export_onnx.py) to serve on onnxruntime instead of the
+        config's model (`regionspot.deploy.OnnxPredictorAdapter`)."""
         self.lock = threading.RLock()
         self.top_k = top_k
+        self.onnx = onnx
         self.output_dir = tempfile.mkdtemp(prefix="regionspot_web_")
         atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
         self.predictor: Optional[RegionSpotPredictor] = None
@@ -110,12 +114,18 @@ class WebDemo:
     def load_model(self, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = ()) -> str:
         """Build the predictor (the previous one stays on failure); returns a line describing it."""
         try:
-            cfg = get_regionspot_cfg(config_file or DEFAULT_CONFIG, list(opts))
-            cfg.MODEL.WEIGHTS = default_weights(cfg) if weights is None else weights
+            if self.onnx:
+                predictor = OnnxPredictorAdapter(self.onnx, top_k=self.top_k)
+                cfg = get_regionspot_cfg()  # the exported model's config, as the manifest records it
+                cfg.merge_from_other_cfg(cfg.load_cfg(predictor.onnx.manifest["config"]))
+                config_file = f"{self.onnx} (exported)"
+            else:
+                cfg = get_regionspot_cfg(config_file or DEFAULT_CONFIG, list(opts))
+                cfg.MODEL.WEIGHTS = default_weights(cfg) if weights is None else weights
+                predictor = RegionSpotPredictor(cfg, top_k=self.top_k)
             cfg.freeze()
-            predictor = RegionSpotPredictor(cfg, top_k=self.top_k)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
-            raise DemoError(f"Cannot load the model of {config_file or DEFAULT_CONFIG}: {e}") from e
+            raise DemoError(f"Cannot load the model of {self.onnx or config_file or DEFAULT_CONFIG}: {e}") from e
         with self.lock:
             self.predictor, self.cfg = predictor, cfg
             self.config_file = config_file or DEFAULT_CONFIG
@@ -134,7 +144,8 @@ class WebDemo:
         head = f"head `{weights}`" if weights else (
             "**random head: its labels mean nothing** (train one with `./tools/quickstart.sh`, then reload, "
             "or give a checkpoint)")
-        return f"Model: `{self.config_file}`, {head}, on `{self.predictor.device}`."
+        where = "onnxruntime" if self.onnx else f"`{self.predictor.device}`"
+        return f"Model: `{self.config_file}`, {head}, on {where}."
 
     # ------------------------------------------------------------------ image
     def read(self, path: Optional[str]) -> np.ndarray:
@@ -174,7 +185,10 @@ class WebDemo:
             timings = [encode_timing(encoded)]
             if self._auto_boxes is None or self._auto_boxes[0] != key:
                 start = time.perf_counter()
-                boxes = self.predictor.sam_auto_boxes().cpu().numpy()
+                try:
+                    boxes = self.predictor.sam_auto_boxes().cpu().numpy()
+                except RuntimeError as e:  # an exported folder has no automatic mask generator
+                    raise DemoError(str(e)) from e
                 self._auto_boxes = (key, boxes)
                 timings.append(("SAM automatic masks", time.perf_counter() - start))
             else:
@@ -414,6 +428,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-model-change", action="store_true",
                    help="let the page's Model panel load shipped configs, and configs and checkpoints under "
                         "--allow-paths (off by default, on any address)")
+    p.add_argument("--onnx", default="", metavar="DIR",
+                   help="serve an exported folder (tools/export_onnx.py) on onnxruntime instead of --config-file's "
+                        "model; the Model panel is then off")
     p.add_argument("--no-examples", action="store_true", help="do not offer the synthetic example images")
     p.add_argument("--verbose", action="store_true", help="also print detectron2's and RegionSpot's info logs")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -441,7 +458,7 @@ def serve(argv: Optional[Sequence[str]] = None, block: bool = True):
             raise SystemExit(2)
     try:
         demo = WebDemo(args.config_file, args.weights, args.opts, top_k=args.top_k, allow_paths=args.allow_paths,
-                       allow_model_change=args.allow_model_change)
+                       allow_model_change=args.allow_model_change and not args.onnx, onnx=args.onnx)
     except DemoError as e:
         print(f"web_demo.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -55,6 +55,8 @@ def test_dry_run_measures_every_configuration_and_the_numbers_add_up(tmp_path):
     assert flops[many]["mask_decoder"] > flops[few]["mask_decoder"] > 0
     assert flops[many]["sam_encoder"] == flops[few]["sam_encoder"] > 0
     assert record["device"] in table.splitlines()[0]
+    # The TensorRT step planned its engines from the exported tiny graphs (tools/tensorrt_check.py).
+    assert json.loads((out / "tensorrt" / "tensorrt.json").read_text())["status"] == "planned"
 
 
 def test_a_failing_configuration_leaves_the_others_and_the_budget_skips(tmp_path, monkeypatch):
