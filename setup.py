@@ -73,6 +73,6 @@ setup(
         # tools/export_onnx.py and the onnxruntime predictor (regionspot_deploy, which needs no torch).
         "deploy": ["onnx==1.23.2", "onnxruntime==1.31.1", "onnxscript==0.7.2"],
         # The fast C++ evaluation engine (regionspot/fast_eval.py); without it lvis/pycocotools run.
-        "fasteval": ["faster-coco-eval==1.8.0"],
+        "fasteval": ["faster-coco-eval==1.8.0", "orjson==3.13.0"],
     },
 )

@@ -69,6 +69,11 @@ def test_every_imported_distribution_is_declared(metadata):
             tree = ast.parse(f.read())
         on_demand = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                      for n in ast.walk(f)}
+        # An import tried with a fallback (`try: import x` / `except ImportError:`) is optional too.
+        on_demand |= {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                      and any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                              for h in t.handlers)
+                      for b in t.body for n in ast.walk(b)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 modules = [a.name for a in node.names]

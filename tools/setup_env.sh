@@ -37,7 +37,7 @@ SAM2_BUILD_CUDA=0 "${PIP[@]}" --no-build-isolation sam2==1.1.0 "hydra-core>=1.3.
 # printed figures stay the README's.
 "${PIP[@]}" gradio==6.31.0 selenium==4.51.0 pillow==12.3.0
 # ONNX export and its check (extra deploy), and the faster LVIS/COCO evaluator (extra fasteval).
-"${PIP[@]}" onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 faster-coco-eval==1.8.0
+"${PIP[@]}" onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 faster-coco-eval==1.8.0 orjson==3.13.0
 # Every install that runs pip's resolver is above; only --no-deps installs follow. pip re-checks the
 # whole environment after each resolver run, and would report the fallback wheel's numpy<2 and
 # black pins as an "ERROR: pip's dependency resolver ..." line had it come earlier.

@@ -24,19 +24,10 @@ from .modeling.vocabulary import BUILTIN_VOCABULARIES
 from .structures import IndexedMasks
 from . import evaluation_results as shards
 from . import fast_eval
+from .fast_eval import patch_lvis_for_numpy2  # noqa: F401  (its home is the engine; callers import it here too)
 
 logger = logging.getLogger(__name__)
 
-
-def patch_lvis_for_numpy2() -> None:
-    """lvis 0.5.3 (the latest release) calls `np.float`, which NumPy 1.24 removed.
-
-    This is the one place that works around it: restore the alias to the builtin `float`,
-    which is exactly what `np.float` was. Pinning numpy<1.24 instead would drag old matplotlib,
-    contourpy and opencv along.
-    """
-    if not hasattr(np, "float"):
-        np.float = float  # type: ignore[attr-defined]
 
 
 def instances_to_json(instances, img_id: int) -> List[dict]:

@@ -29,7 +29,7 @@ SHARD = re.compile(r"^rank(\d+)-part(\d+)\.jsonl$")
 RUN_FILE = "run.json"
 _PREFIX = '{"image_id":'
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
-try:  # orjson (installed with the web demo) parses shards ~3x faster; json gives the same values
+try:  # orjson (extra fasteval; gradio brings it too) parses shards ~3x faster; json gives the same values
     from orjson import loads as _loads
 except ImportError:
     _loads = json.loads

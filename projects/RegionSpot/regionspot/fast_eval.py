@@ -41,6 +41,17 @@ DEFAULT_PAIRS_PER_CHUNK = 20_000
 CATEGORIES_PER_BUCKET = 4
 
 
+def patch_lvis_for_numpy2() -> None:
+    """lvis 0.5.3 (the latest release) calls `np.float`, which NumPy 1.24 removed.
+
+    This is the one place that works around it: restore the alias to the builtin `float`,
+    which is exactly what `np.float` was. Pinning numpy<1.24 instead would drag old matplotlib,
+    contourpy and opencv along.
+    """
+    if not hasattr(np, "float"):
+        np.float = float  # type: ignore[attr-defined]
+
+
 def faster_coco_eval_available() -> bool:
     try:
         import faster_coco_eval  # noqa: F401
@@ -293,7 +304,6 @@ def _eval_chunk_faster(gt_chunk: dict, dets: List[dict], task: str, lvis_style: 
 def _eval_chunk_lvis(gt_chunk: dict, dets: List[dict], task: str, max_dets: int, img_ids: Sequence[int]):
     from lvis import LVIS, LVISEval, LVISResults
 
-    from .evaluation import patch_lvis_for_numpy2
 
     patch_lvis_for_numpy2()
     lvis_gt = LVIS.__new__(LVIS)  # LVIS() only reads a file; this is its constructor on a dict
