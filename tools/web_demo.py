@@ -30,235 +30,46 @@ missing checkpoint in the Model panel) are messages in the page.
 """
 import regionspot.warnings_filter  # noqa: F401  (first: known-harmless warnings of the libraries)
 import argparse
-import atexit
-import hashlib
 import html
-import json
-import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
-import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry
 
-import numpy as np  # noqa: E402
-from detectron2.structures import Instances  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from regionspot.config import get_regionspot_cfg  # noqa: E402
-from regionspot.data.images import read_image  # noqa: E402
-from regionspot.deploy import OnnxPredictorAdapter  # noqa: E402
-from regionspot.data.prompt_files import image_id_of  # noqa: E402
-from regionspot.demo.access import MODEL_CHANGE_OFF, PageAccess  # noqa: E402
+from regionspot.config import get_regionspot_cfg  # noqa: E402,F401  (tests build configs through the tool)
+from regionspot.demo import session  # noqa: E402
+from regionspot.demo.access import MODEL_CHANGE_OFF  # noqa: E402
 from regionspot.demo.errors import DemoError  # noqa: E402
 from regionspot.demo.examples import synthetic_examples  # noqa: E402
-from regionspot.demo.prompt_lines import (  # noqa: E402
-    CLICK_MODES, Region, add_click, check_regions, new_region_text, parse_prompts, prompt_arrays, prompt_groups,
-    prompt_points, undo_last_item)
-from regionspot.demo.results import (  # noqa: E402
-    TABLE_COLUMNS, Outcome, empty_instances, encode_timing, region_instances, result_records, results_metadata,
-    table_rows, timings_line)
-from regionspot.demo.vocabulary_text import vocabulary_from_text  # noqa: E402
-from regionspot.modeling.encoders.region_encoder import SAM_AUTO_EMPTY_HINT  # noqa: E402
-from regionspot.predictor import RegionSpotPredictor  # noqa: E402
+from regionspot.demo.prompt_lines import (  # noqa: E402,F401  (parse_prompts and CLICK_MODES: the page's grammar)
+    CLICK_MODES, add_click, new_region_text, parse_prompts, undo_last_item)
+from regionspot.demo.results import TABLE_COLUMNS, encode_timing, timings_line  # noqa: E402
+from regionspot.demo.session import DEFAULT_CONFIG  # noqa: E402
+from regionspot.demo.vocabulary_text import vocabulary_from_text  # noqa: E402,F401  (the vocabulary box's reader)
 from regionspot.utils.extras import require_extra  # noqa: E402
-from regionspot.utils.file_io import atomic_write_bytes  # noqa: E402
-from regionspot.visualization import draw_regions  # noqa: E402
 
 gr = require_extra("gradio", "web", "The web demo (tools/web_demo.py)")
 import pandas as pd  # noqa: E402  (a dependency of gradio)
 
-logger = logging.getLogger("regionspot.web_demo")
-DEFAULT_CONFIG = "quickstart/RegionSpot-tiny_synthetic.yaml"  # a model-zoo name: works from any directory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------- the demo
 def default_weights(cfg) -> str:
-    """MODEL.WEIGHTS, else the head that training writes for this config (OUTPUT_DIR/model_final.pth,
-    e.g. the quickstart's output/quickstart/model_final.pth) if it exists, else "" (random head)."""
-    if cfg.MODEL.WEIGHTS:
-        return cfg.MODEL.WEIGHTS
-    for base in (os.getcwd(), ROOT):
-        path = os.path.join(base, cfg.OUTPUT_DIR, "model_final.pth")
-        if os.path.isfile(path):
-            return os.path.relpath(path) if base == os.getcwd() else path
-    return ""
+    """`session.default_weights`, looking in the working directory and this repository."""
+    return session.default_weights(cfg, (ROOT,))
 
 
-class WebDemo:
-    """The page's work, on one `RegionSpotPredictor` shared by all visitors (one at a time)."""
+class WebDemo(session.WebDemo):
+    """The page's work (`regionspot.demo.session.WebDemo`), finding a trained head in this repository too."""
 
-    def __init__(self, config_file: str = DEFAULT_CONFIG, weights: Optional[str] = None,
-                 opts: Sequence[str] = (), top_k: int = 3, allow_paths: Sequence[str] = (),
-                 allow_model_change: bool = False, onnx: str = ""):
-        """`onnx`: an exported folder (tools/export_onnx.py) to serve on onnxruntime instead of the
-        config's model (`regionspot.deploy.OnnxPredictorAdapter`)."""
-        self.lock = threading.RLock()
-        self.top_k = top_k
-        self.onnx = onnx
-        self.output_dir = tempfile.mkdtemp(prefix="regionspot_web_")
-        atexit.register(shutil.rmtree, self.output_dir, ignore_errors=True)
-        self.predictor: Optional[RegionSpotPredictor] = None
-        self.load_model(config_file, weights, opts)
-        # What visitors may make the server open (checked in the server for every request).
-        self.access = PageAccess(allow_paths, allow_model_change, self.config_file, self.cfg.MODEL.WEIGHTS)
-
-    # ------------------------------------------------------------------ model
-    def load_model(self, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = ()) -> str:
-        """Build the predictor (the previous one stays on failure); returns a line describing it."""
-        try:
-            if self.onnx:
-                predictor = OnnxPredictorAdapter(self.onnx, top_k=self.top_k)
-                cfg = get_regionspot_cfg()  # the exported model's config, as the manifest records it
-                cfg.merge_from_other_cfg(cfg.load_cfg(predictor.onnx.manifest["config"]))
-                config_file = f"{self.onnx} (exported)"
-            else:
-                cfg = get_regionspot_cfg(config_file or DEFAULT_CONFIG, list(opts))
-                cfg.MODEL.WEIGHTS = default_weights(cfg) if weights is None else weights
-                predictor = RegionSpotPredictor(cfg, top_k=self.top_k)
-            cfg.freeze()
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
-            raise DemoError(f"Cannot load the model of {self.onnx or config_file or DEFAULT_CONFIG}: {e}") from e
-        with self.lock:
-            self.predictor, self.cfg = predictor, cfg
-            self.config_file = config_file or DEFAULT_CONFIG
-            self._image_key: Optional[str] = None
-            self._auto_boxes: Optional[Tuple[str, np.ndarray]] = None
-            self._image_cache: Optional[Tuple[str, float, np.ndarray]] = None
-        self.default_vocabulary = predictor.default_vocabulary or "lvis"
-        try:  # warm the cache, so the first request does not pay for the default vocabulary
-            predictor.vocabulary_embeddings(vocabulary_from_text(self.default_vocabulary)[0])
-        except (DemoError, KeyError, ValueError, RuntimeError, FileNotFoundError) as e:
-            logger.warning(f"Default vocabulary {self.default_vocabulary!r}: {e}")
-        return self.model_line()
-
-    def model_line(self) -> str:
-        weights = self.cfg.MODEL.WEIGHTS
-        head = f"head `{weights}`" if weights else (
-            "**random head: its labels mean nothing** (train one with `./tools/quickstart.sh`, then reload, "
-            "or give a checkpoint)")
-        where = "onnxruntime" if self.onnx else f"`{self.predictor.device}`"
-        return f"Model: `{self.config_file}`, {head}, on {where}."
-
-    # ------------------------------------------------------------------ image
-    def read(self, path: Optional[str]) -> np.ndarray:
-        """The RGB image of an uploaded file (the last one is kept decoded)."""
-        if not path:
-            raise DemoError("No image: upload one (or pick an example) first.")
-        with self.lock:
-            try:
-                stamp = os.path.getmtime(path)
-                if self._image_cache and self._image_cache[:2] == (path, stamp):
-                    return self._image_cache[2]
-                rgb = read_image(path, format="RGB")
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise DemoError(f"Cannot read the image {os.path.basename(path)}: {e}") from e
-            self._image_cache = (path, stamp, rgb)
-            return rgb
-
-    def set_image(self, path: Optional[str]) -> Tuple[np.ndarray, str, Optional[float]]:
-        """(the RGB image, its key, seconds `set_image` took or None when the features were reused)."""
-        rgb = self.read(path)
-        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
-        with self.lock:
-            if key == self._image_key:
-                return rgb, key, None
-            start = time.perf_counter()
-            try:
-                self.predictor.set_image(rgb, format="RGB")
-            except (ValueError, RuntimeError) as e:
-                raise DemoError(f"Cannot encode the image {os.path.basename(path)}: {e}") from e
-            self._image_key = key
-            return rgb, key, time.perf_counter() - start
-
-    def auto_regions(self, path: Optional[str]) -> Tuple[List[Region], List[Tuple[str, float]]]:
-        """Regions of SAM's automatic masks (their boxes), cached per image."""
-        with self.lock:
-            rgb, key, encoded = self.set_image(path)
-            timings = [encode_timing(encoded)]
-            if self._auto_boxes is None or self._auto_boxes[0] != key:
-                start = time.perf_counter()
-                try:
-                    boxes = self.predictor.sam_auto_boxes().cpu().numpy()
-                except RuntimeError as e:  # an exported folder has no automatic mask generator
-                    raise DemoError(str(e)) from e
-                self._auto_boxes = (key, boxes)
-                timings.append(("SAM automatic masks", time.perf_counter() - start))
-            else:
-                timings.append(("SAM automatic masks (reused)", 0.0))
-            boxes = self._auto_boxes[1]
-        if not len(boxes):
-            raise DemoError(SAM_AUTO_EMPTY_HINT)
-        return [Region(box=[float(v) for v in b]) for b in boxes], timings
-
-    # ------------------------------------------------------------------ regions
-    def recognize(self, path: Optional[str], regions: Sequence[Region], vocabulary: str,
-                  synonyms: bool = False, top_k: Optional[int] = None) -> Outcome:
-        """Classify `regions` of the image at `path` against `vocabulary`: the predictor's
-        `set_image` (skipped for the image already set), then one `predict` per group of regions."""
-        top_k = int(top_k or self.top_k)
-        with self.lock:
-            rgb, _, encoded = self.set_image(path)
-            timings = [encode_timing(encoded)]
-            vocab, id_spec = vocabulary_from_text(vocabulary, synonyms, self.cfg.MODEL.REGIONSPOT.CUSTOM_VOCABULARY,
-                                                  may_open=self.access.may_open)
-            start = time.perf_counter()
-            try:
-                names, _ = self.predictor.vocabulary_embeddings(vocab)
-            except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-                raise DemoError(f"Vocabulary: {str(e).strip(chr(34))}") from e
-            timings.append((f"vocabulary ({len(names)} classes)", time.perf_counter() - start))
-            check_regions(regions, rgb.shape[:2])
-            start = time.perf_counter()
-            parts = []
-            for group in prompt_groups(regions):
-                try:
-                    res = self.predictor.predict(**prompt_arrays([regions[i] for i in group]), vocabulary=vocab,
-                                                 top_k=min(top_k, len(names)), return_masks=True).cpu()
-                except ValueError as e:
-                    raise DemoError(str(e)) from e
-                parts.append(region_instances(res, [i + 1 for i in group]))
-            if parts:
-                timings.append((f"regions ({len(regions)}: SAM decoder + head)", time.perf_counter() - start))
-        instances = Instances.cat(parts) if parts else empty_instances(rgb.shape[:2])
-        instances = instances[instances.region_ids.argsort()]
-        return Outcome(instances, list(names), id_spec, timings)
-
-    # ------------------------------------------------------------------ outputs
-    def render(self, path: Optional[str], outcome: Optional[Outcome], threshold: float = 0.0,
-               regions: Sequence[Region] = (), pending: Optional[Sequence[float]] = None
-               ) -> Tuple[np.ndarray, pd.DataFrame, Optional[str], List[Tuple[str, float]]]:
-        """(picture, table, COCO-format JSON file or None, [("drawing", seconds)]) of an outcome (None:
-        the image and its points only), as the page shows them; regions scoring below `threshold`
-        are left out of all three, as tools/demo.py's --confidence-threshold does."""
-        rgb = self.read(path)
-        start = time.perf_counter()
-        pts, labels = prompt_points(regions, pending)
-        if outcome is None:
-            picture = draw_regions(rgb, empty_instances(rgb.shape[:2]), results_metadata([]), points=pts,
-                                   point_labels=labels).get_image()
-            return picture, pd.DataFrame(columns=TABLE_COLUMNS), None, []
-        inst = outcome.instances[outcome.instances.scores >= threshold]
-        picture = draw_regions(rgb, inst, results_metadata(outcome.names), region_ids=inst.region_ids.tolist(),
-                               points=pts, point_labels=labels).get_image()
-        drawing = time.perf_counter() - start
-        rows = table_rows(inst, outcome.names, {k: r.text() for k, r in enumerate(regions, start=1)})
-        table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-        json_path = None
-        if len(inst):
-            records = result_records(inst, image_id_of(path, {}), outcome.names, outcome.id_spec)
-            stem = os.path.splitext(os.path.basename(path))[0]
-            folder = tempfile.mkdtemp(dir=self.output_dir)
-            json_path = os.path.join(folder, f"{stem}_regionspot.json")
-            atomic_write_bytes(json.dumps(records).encode(), json_path)
-        return picture, table, json_path, [("drawing", drawing)]
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("weights_roots", (ROOT,))
+        super().__init__(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- the page
@@ -273,6 +84,9 @@ def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
     /segment_everything(image, vocabulary, synonyms, top_k, threshold). The clicks, buttons and
     the Model panel are page-only events."""
 
+    def frame(rows) -> pd.DataFrame:
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
     def fail(e: Exception) -> gr.Error:
         return gr.Error(html.escape(str(e), quote=False), duration=None, title="RegionSpot", print_exception=False)
 
@@ -281,11 +95,11 @@ def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
             return None, pd.DataFrame(columns=TABLE_COLUMNS), None, "Upload an image or pick an example.", "", None
         try:
             _, _, seconds = demo.set_image(image)
-            picture, table, _, _ = demo.render(image, None)
+            picture, rows, _, _ = demo.render(image, None)
         except DemoError as e:
             raise fail(e)
         status = timings_line([encode_timing(seconds)]) + "  \nClick on the image to add prompts."
-        return picture, table, None, status, "", None
+        return picture, frame(rows), None, status, "", None
 
     def predict(image, prompts, vocabulary, synonyms, top_k, threshold, pending=None):
         if not image:  # e.g. an option changed before any upload: nothing to do yet
@@ -293,7 +107,7 @@ def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
         try:
             regions = parse_prompts(prompts)
             outcome = demo.recognize(image, regions, vocabulary, synonyms, top_k) if regions else None
-            picture, table, json_path, drawing = demo.render(image, outcome, threshold or 0.0, regions, pending)
+            picture, rows, json_path, drawing = demo.render(image, outcome, threshold or 0.0, regions, pending)
         except DemoError as e:
             raise fail(e)
         if outcome is not None:
@@ -302,7 +116,7 @@ def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
             status = "Click on the image (or type prompts) to add regions."
         if pending is not None:
             status += "  \nClick the box's opposite corner."
-        return picture, table, json_path, status
+        return picture, frame(rows), json_path, status
 
     def segment_everything(image, vocabulary, synonyms, top_k, threshold):
         try:
@@ -310,10 +124,10 @@ def build_app(demo: WebDemo, examples: Sequence[str] = ()) -> gr.Blocks:
             text = "\n".join(r.text() for r in regions)
             regions = parse_prompts(text)  # what the prompt box will hold, so later runs give the same
             outcome = demo.recognize(image, regions, vocabulary, synonyms, top_k)
-            picture, table, json_path, drawing = demo.render(image, outcome, threshold or 0.0, regions)
+            picture, rows, json_path, drawing = demo.render(image, outcome, threshold or 0.0, regions)
         except DemoError as e:
             raise fail(e)
-        return text, picture, table, json_path, timings_line(auto_timings + outcome.timings[1:] + drawing)
+        return text, picture, frame(rows), json_path, timings_line(auto_timings + outcome.timings[1:] + drawing)
 
     def on_click(prompts, mode, pending, evt: gr.SelectData):
         return add_click(prompts, mode, pending, float(evt.index[0]), float(evt.index[1]))
