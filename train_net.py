@@ -34,7 +34,9 @@ def setup(args):
     # default_setup reads args.config_file again to log it, so keep the resolved path there.
     args.config_file = resolve_config_file(args.config_file)
     # --eval-only --resume continues an interrupted evaluation (docs/EVALUATION_AT_SCALE.md).
-    opts = list(args.opts) + (["MODEL.REGIONSPOT.EVAL.RESUME", "True"] if args.eval_only and args.resume else [])
+    # (Callers with parsers of their own, e.g. tools/quickstart.py, may have neither option.)
+    resume_eval = getattr(args, "eval_only", False) and getattr(args, "resume", False)
+    opts = list(args.opts) + (["MODEL.REGIONSPOT.EVAL.RESUME", "True"] if resume_eval else [])
     cfg = get_regionspot_cfg(args.config_file, opts, freeze=True)
     setup_run_logging(cfg.OUTPUT_DIR, getattr(args, "verbose", False))
     default_setup(cfg, args)  # setup_run_logging already gave our logger the console and log.txt

@@ -113,6 +113,8 @@ def test_page_point_box_vocabulary_in_a_browser(page, quickstart_head, shapes_im
 
     # A checkpoint that is not there, given in the Model panel: a message; the model stays.
     check.css(driver, "#model_panel button, #model_panel .label-wrap").click()
+    # The accordion renders its fields after the click, not with it: wait for them.
+    check.wait_for(lambda: check.css_all(driver, "#weights textarea, #weights input"), what="the Model panel's fields")
     check.set_text(driver, "#weights", str(tmp_path / "missing_head.pth"))
     check.css(driver, "#load_model").click()
     messages = check.wait_for(lambda: [m for m in check.error_messages(driver) if "missing_head.pth" in m],
