@@ -27,7 +27,7 @@ from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.console import ProgressBar, setup_run_logging
 from regionspot.model_zoo import resolve_config_file
-from regionspot.engine.trainer import RegionSpotTrainer as Trainer
+from regionspot.engine.trainer import RegionSpotTrainer as Trainer, check_eval_resume_weights
 
 
 def setup(args):
@@ -50,8 +50,10 @@ def main(args):
     if args.eval_only:
         if cfg.TEST.AUG.ENABLED:
             raise NotImplementedError("TEST.AUG: test-time augmentation is not supported by RegionSpot.")
-        model = Trainer.build_model(cfg)
         # The weights are MODEL.WEIGHTS, also with --resume (which here resumes the evaluation).
+        if args.resume:
+            check_eval_resume_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, "MODEL.WEIGHTS")
+        model = Trainer.build_model(cfg)
         RegionSpotCheckpointer(
             model, save_dir=cfg.OUTPUT_DIR, allow_random_head=cfg.MODEL.REGIONSPOT.ALLOW_RANDOM_HEAD
         ).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)

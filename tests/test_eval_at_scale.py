@@ -279,3 +279,47 @@ def test_lazy_config_eval_resumes_too(synthetic_val, oracle, tmp_path, count_ima
     assert len(count_images.seen) == 4
     count_images.seen[:] = []
     assert run() == resumed and len(count_images.seen) == 6
+
+
+def test_lazy_config_resume_of_another_checkpoint_is_refused(synthetic_val, oracle, tmp_path, count_images):
+    from conftest import CONFIG_DIR
+
+    def run(checkpoint, resume=False):
+        return train_net.main(default_argument_parser().parse_args(
+            ["--config-file", os.path.join(CONFIG_DIR, "lazy", "RegionSpot-tiny_synthetic.py"), "--eval-only"]
+            + (["--resume"] if resume else [])
+            + [f"dataloader.test.dataset.name={synthetic_val}", f"train.init_checkpoint={checkpoint}",
+               f"train.output_dir={tmp_path}", "dataloader.evaluator.images_per_shard=1",
+               "model.sam.checkpoint=random", "model.clip.checkpoint=random", "model.clip.input_size=128"]))
+
+    count_images.fail_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        run(oracle)
+    count_images.fail_after = None
+    with pytest.raises(ValueError, match="another configuration"):
+        run("", resume=True)
+
+
+def test_eval_resume_with_empty_weights_beside_a_trained_checkpoint_is_refused(synthetic_val, tmp_path, count_images):
+    # detectron2's --resume would evaluate OUTPUT_DIR's last checkpoint; ours continues an
+    # evaluation of MODEL.WEIGHTS, so an empty one there would silently evaluate a random head.
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS, which is empty"):
+        _eval(synthetic_val, tmp_path, resume=True)
+    assert count_images.seen == []
+
+
+def test_training_refuses_eval_resume(tmp_path):
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg("MODEL.REGIONSPOT.EVAL.RESUME", "True", "OUTPUT_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="in training, every evaluation starts afresh"):
+        RegionSpotTrainer(cfg)
+
+
+def test_results_another_machine_wrote_but_this_one_cannot_read_are_an_error(synthetic_val, tmp_path):
+    ev = RegionSpotLVISEvaluator(synthetic_val, ("bbox",), True, str(tmp_path), max_dets_per_image=300)
+    ev.reset()
+    ev._writer.close()
+    with pytest.raises(RuntimeError, match="filesystem every machine shares"):
+        ev._evaluate_shards(None, {123456})

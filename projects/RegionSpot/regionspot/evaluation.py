@@ -158,18 +158,25 @@ class _StreamedEvaluation:
 
     def evaluate(self, img_ids=None):
         self._writer.close()
-        comm.synchronize()
+        written = comm.gather(self._writer.image_ids, dst=0)  # a barrier too
         if not comm.is_main_process():
             return self._not_main_result
         try:
-            return self._evaluate_shards(img_ids)
+            return self._evaluate_shards(img_ids, {i for ids in written for i in ids})
         finally:
             if not self._output_dir:
                 shutil.rmtree(self._results_folder, ignore_errors=True)
 
-    def _evaluate_shards(self, img_ids):
+    def _evaluate_shards(self, img_ids, written: set):
         folder = self._results_folder
-        done = len(shards.completed_image_ids(folder))
+        completed = shards.completed_image_ids(folder)
+        unseen = written - completed
+        if unseen:  # other machines wrote shards this one cannot read
+            raise RuntimeError(
+                f"The results of {len(unseen)} images written by other processes (e.g. image {min(unseen)}) are not "
+                f"in {folder}: the processes of an evaluation write their results there, so OUTPUT_DIR must be "
+                "on a filesystem every machine shares (with no OUTPUT_DIR, on a single machine).")
+        done = len(completed)
         if not done:
             self._logger.warning(f"[{type(self).__name__}] Did not receive valid predictions.")
             return {}

@@ -124,6 +124,8 @@ class ShardWriter:
         self._count = 0
         self._opened = 0.0
         self.images_written = 0
+        self._open_ids: List[int] = []
+        self.image_ids: List[int] = []  # the images of this run's complete shards
 
     def _name(self) -> str:
         return f"rank{self.rank}-part{self._part:05d}.jsonl"
@@ -135,6 +137,7 @@ class ShardWriter:
             self._count, self._opened = 0, time.monotonic()
         self._file.write(f'{_PREFIX}{int(image_id)},"instances":[{",".join(map(_dumps, records))}]}}\n')
         self._count += 1
+        self._open_ids.append(int(image_id))
         if self._count >= self.images_per_shard or time.monotonic() - self._opened >= self.seconds_per_shard:
             self.flush()
 
@@ -148,7 +151,8 @@ class ShardWriter:
         tmp = os.path.join(self.folder, f".{self._name()}.tmp")
         os.replace(tmp, os.path.join(self.folder, self._name()))
         self.images_written += self._count
-        self._file, self._part = None, self._part + 1
+        self.image_ids.extend(self._open_ids)
+        self._file, self._part, self._open_ids = None, self._part + 1, []
 
     close = flush
 

@@ -12,7 +12,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import RegionSpotCheckpointer
 from ..utils.lazy_overrides import check_overrides
-from .trainer import check_amp_device, create_ddp_model, encode_training_vocabularies
+from .trainer import check_amp_device, check_eval_resume_weights, create_ddp_model, encode_training_vocabularies
 
 logger = logging.getLogger("detectron2")
 
@@ -37,7 +37,34 @@ def do_test(cfg, model):
     return ret
 
 
+def lazy_config_fingerprint(cfg) -> str:
+    """What produced an evaluation's detections, as a digest: the model, its weights and the test
+    data (not how the run goes: device, workers, the evaluation engine), so a resumed LazyConfig
+    evaluation with another model, checkpoint or dataset is refused (`evaluation_results.prepare_folder`)."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    def name(obj) -> str:  # a `_target_` (class or function) by its import path, stable across runs
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+    def without_device(node):  # the same detections on any device
+        if isinstance(node, dict):
+            return {k: without_device(v) for k, v in node.items() if k != "device"}
+        return [without_device(v) for v in node] if isinstance(node, list) else node
+
+    parts = [cfg.model, cfg.dataloader.test.dataset, cfg.dataloader.test.mapper]
+    blob = json.dumps([without_device(OmegaConf.to_container(p, resolve=True)) for p in parts]
+                      + [cfg.train.init_checkpoint, cfg.dataloader.evaluator.get("max_dets_per_image")],
+                      sort_keys=True, default=name)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def do_train(args, cfg):
+    if cfg.dataloader.get("evaluator") is not None and cfg.dataloader.evaluator.get("resume", False):
+        raise ValueError("dataloader.evaluator.resume continues an interrupted --eval-only run (--eval-only --resume "
+                         "sets it); in training, every evaluation starts afresh: leave it False.")
     check_amp_device(cfg.train.amp.enabled, cfg.train.device, "train.amp.enabled", "train.device")
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
@@ -69,9 +96,13 @@ def do_train(args, cfg):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        if args.resume and "evaluator" in cfg.dataloader:  # continue an interrupted evaluation
-            cfg.dataloader.evaluator.resume = True
-            cfg.dataloader.test.dataset.skip_completed_in = cfg.dataloader.evaluator.output_dir
+        if "evaluator" in cfg.dataloader:
+            # Recorded with the results shards: a resumed run of another model or data is refused.
+            cfg.dataloader.evaluator.fingerprint = lazy_config_fingerprint(cfg)
+            if args.resume:  # continue an interrupted evaluation
+                check_eval_resume_weights(cfg.train.init_checkpoint, cfg.train.output_dir, "train.init_checkpoint")
+                cfg.dataloader.evaluator.resume = True
+                cfg.dataloader.test.dataset.skip_completed_in = cfg.dataloader.evaluator.output_dir
         model = instantiate(cfg.model)
         model = create_ddp_model(model)
         # The weights are train.init_checkpoint, also with --resume (which resumes the evaluation).

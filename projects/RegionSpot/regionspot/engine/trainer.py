@@ -175,8 +175,23 @@ def _ddp_for_cpu_models():
         d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
+def check_eval_resume_weights(weights: str, output_dir: str, key: str) -> None:
+    """With --eval-only, --resume continues an interrupted evaluation of `weights`; it does not pick
+    OUTPUT_DIR's last checkpoint as detectron2's --resume does. An empty `weights` beside such a
+    checkpoint would evaluate a random head: refused, naming both ways."""
+    last = os.path.join(output_dir or "", "last_checkpoint")
+    if not weights and output_dir and os.path.isfile(last):
+        raise ValueError(
+            f"--eval-only --resume continues an interrupted evaluation of {key}, which is empty (a random head), "
+            f"while {output_dir} holds a trained checkpoint ({last}). Set {key} to the checkpoint to evaluate "
+            "(e.g. OUTPUT_DIR's model_final.pth), or run without --resume.")
+
+
 class RegionSpotTrainer(DefaultTrainer):
     def __init__(self, cfg):
+        if cfg.MODEL.REGIONSPOT.EVAL.RESUME:
+            raise ValueError("MODEL.REGIONSPOT.EVAL.RESUME continues an interrupted --eval-only run (train_net.py "
+                             "--eval-only --resume sets it); in training, every evaluation starts afresh: set it False.")
         check_amp_device(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
         with _ddp_for_cpu_models():
             super().__init__(cfg)
