@@ -149,6 +149,9 @@ def add_regionspot_config(cfg: CN) -> None:
     _C.EVAL.IMAGES_PER_SHARD = 100
     # Detections evaluated together at most (categories are evaluated in chunks): bounds memory.
     _C.EVAL.DETS_PER_CHUNK = 300000
+    # Processes of the final evaluation (0 = one per CPU, at most 8). Each holds the ground truth and
+    # one chunk (about 1.2 GB at LVIS val's size), so this bounds its memory.
+    _C.EVAL.PROCESSES = 0
     # Paste kept masks at full size with one interpolation from SAM's low-res logits instead of
     # SAM's two (via a 1024x1024 buffer): same masks (IoU >= 0.99, tested), 1.5-7x faster on CPU.
     _C.FAST_MASK_PASTE = True
@@ -255,6 +258,7 @@ def check_regionspot_config(cfg: CN) -> None:
         raise ValueError(f"Unknown {k}EVAL.ENGINE {c.EVAL.ENGINE!r}; choose one of {ENGINES}.")
     _check_number(k + "EVAL.IMAGES_PER_SHARD", c.EVAL.IMAGES_PER_SHARD, integer=True, low=1)
     _check_number(k + "EVAL.DETS_PER_CHUNK", c.EVAL.DETS_PER_CHUNK, integer=True, low=1)
+    _check_number(k + "EVAL.PROCESSES", c.EVAL.PROCESSES, integer=True, low=0)
     ratios = list(c.DATASET_RATIOS)
     for i, r in enumerate(ratios):
         _check_number(f"{k}DATASET_RATIOS[{i}]", r, low=0)

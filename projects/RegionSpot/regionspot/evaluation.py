@@ -100,13 +100,15 @@ class _StreamedEvaluation:
     """
 
     def _init_streaming(self, *, resume: bool = False, engine: str = "auto", images_per_shard: int = 100,
-                        dets_per_chunk: int = fast_eval.DEFAULT_DETS_PER_CHUNK, fingerprint: str = "") -> None:
+                        dets_per_chunk: int = fast_eval.DEFAULT_DETS_PER_CHUNK, fingerprint: str = "",
+                        processes: int = 0) -> None:
         fast_eval.resolve_engine(engine)  # a bad name fails here, not after the whole inference
         if resume and not self._output_dir:
             raise ValueError("Resuming an evaluation needs an output folder (where its results shards are).")
         self._resume, self._engine = resume, engine
         self._images_per_shard, self._dets_per_chunk = images_per_shard, dets_per_chunk
         self._fingerprint = fingerprint
+        self._processes = processes
         self._results_folder = None
         self._writer = None
 
@@ -203,7 +205,8 @@ class _StreamedEvaluation:
         self._logger.info(f"Evaluating predictions of {done} images ...")
         summaries = fast_eval.evaluate_results(
             gt, images, sorted(tasks), max_dets=self._max_dets(), engine=self._engine,
-            dets_per_chunk=self._dets_per_chunk, img_ids=img_ids, work_dir=self._output_dir or None)
+            dets_per_chunk=self._dets_per_chunk, img_ids=img_ids, work_dir=self._output_dir or None,
+            processes=self._processes)
         for task in sorted(tasks):
             self._results[task] = self._metrics_of(summaries[task], task)
         return copy.deepcopy(self._results)
@@ -317,13 +320,14 @@ def build_regionspot_evaluator(cfg, dataset_name: str, output_folder: Optional[s
     return regionspot_evaluator(dataset_name, output_folder, mask_on=cfg.MODEL.REGIONSPOT.MASK_ON,
                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, resume=e.RESUME,
                                 engine=e.ENGINE, images_per_shard=e.IMAGES_PER_SHARD,
-                                dets_per_chunk=e.DETS_PER_CHUNK, fingerprint=_config_fingerprint(cfg))
+                                dets_per_chunk=e.DETS_PER_CHUNK, fingerprint=_config_fingerprint(cfg),
+                                processes=e.PROCESSES)
 
 
 def regionspot_evaluator(dataset_name: str, output_dir: Optional[str] = None, *, mask_on: bool = True,
                          max_dets_per_image: int = 300, resume: bool = False, engine: str = "auto",
                          images_per_shard: int = 100, dets_per_chunk: int = fast_eval.DEFAULT_DETS_PER_CHUNK,
-                         fingerprint: str = "") -> DatasetEvaluator:
+                         fingerprint: str = "", processes: int = 0) -> DatasetEvaluator:
     """LVIS-format data -> LVISEvaluator, COCO-format -> COCOEvaluator; bbox, plus segm with masks.
 
     Args:
@@ -337,11 +341,13 @@ def regionspot_evaluator(dataset_name: str, output_dir: Optional[str] = None, *,
         images_per_shard: images per results shard (at most what a killed run loses per process).
         dets_per_chunk: detections evaluated together at most (bounds the evaluation's memory).
         fingerprint: what produced the results; a resumed run with another one is refused.
+        processes: processes of the final evaluation (0: one per CPU, at most 8; each holds the
+            ground truth, so they bound its memory).
     """
     evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
     tasks = ("bbox", "segm") if mask_on else ("bbox",)
     streaming = dict(resume=resume, engine=engine, images_per_shard=images_per_shard,
-                     dets_per_chunk=dets_per_chunk, fingerprint=fingerprint)
+                     dets_per_chunk=dets_per_chunk, fingerprint=fingerprint, processes=processes)
     if evaluator_type == "lvis":
         return RegionSpotLVISEvaluator(dataset_name, tasks, True, output_dir, max_dets_per_image=max_dets_per_image,
                                        **streaming)

@@ -39,6 +39,9 @@ DEFAULT_DETS_PER_CHUNK = 300_000
 # (image, category) pairs evaluated together at most: the engines loop over every pair.
 DEFAULT_PAIRS_PER_CHUNK = 20_000
 CATEGORIES_PER_BUCKET = 4
+# Processes of the final evaluation when none is given: one per CPU, but no more than this (each
+# holds the ground truth; a 128-core machine would otherwise fork 128 of them).
+MAX_DEFAULT_PROCESSES = 8
 
 
 def patch_lvis_for_numpy2() -> None:
@@ -447,8 +450,10 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
     """Evaluate a stream of per-image record lists (COCO result format, dataset category ids)
     against `gt`, chunk by chunk of categories.
 
-    The chunks are shared out over `processes` processes (0: one per CPU; forked, where the OS
-    forks), each evaluating every task of its chunks.
+    The chunks are shared out over `processes` processes (0: one per CPU, at most
+    `MAX_DEFAULT_PROCESSES`; forked, where the OS forks), each evaluating every task of its chunks.
+    Each forked process holds the ground truth and one chunk at a time (about 1.2 GB at LVIS val's
+    size), so their number bounds the memory.
 
     Returns {task: summary}: for LVIS an `lvis.LVISEval` (`.results`), for COCO a pycocotools
     COCOeval (`.stats`, `.eval`), as the one-shot evaluation would leave them.
@@ -466,7 +471,8 @@ def evaluate_results(gt: GroundTruth, images: Iterable[List[dict]], tasks: Seque
         if img_ids != gt.image_ids:
             wanted = set(img_ids)
             chunks = [(b, [i for i in ims if i in wanted]) for b, ims in chunks]
-        processes = min(processes or os.cpu_count() or 1, len(chunks)) if hasattr(os, "fork") else 1
+        processes = processes or min(os.cpu_count() or 1, MAX_DEFAULT_PROCESSES)
+        processes = min(processes, len(chunks)) if hasattr(os, "fork") else 1
         kw = dict(max_dets=max_dets, engine=engine, start=start)
         forked = []
         if processes > 1:

@@ -36,6 +36,7 @@ from torch import nn
 from regionspot_deploy import manifest as mf
 
 from .modeling.region_pipeline import RegionPipeline
+from .modeling.text_embeddings import NAME_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +262,9 @@ def export_folder(pipeline: RegionPipeline, cfg, output: str, opset: int = DEFAU
         vocabulary_spec: what that vocabulary was asked as (e.g. "lvis"), recorded in the manifest.
         quantize_int8: also write int8 dynamically quantized image encoders (``*.int8.onnx``).
         fp16: store the graphs' weights in float16 (inputs and outputs stay float32).
+
+    The graphs are traced on the CPU: `pipeline` is moved there (and left in eval mode); move it
+    back yourself if you go on using it on another device.
     """
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"--output {output} exists and is not empty: choose a new folder.")
@@ -338,7 +342,7 @@ def _write(pipeline, cfg, folder, family, opset, text, vocabulary, quantize_int8
         graphs["text"] = "text.onnx"
         shutil.copyfile(bpe, os.path.join(folder, "bpe_vocab.txt.gz"))
         text_info = {"tokenizer": "clip_bpe", "bpe_vocab": "bpe_vocab.txt.gz", "context_length": context,
-                     "templates": list(pipeline.vocabulary.templates), "strip_suffixes": ["-other", "-merged", "-stuff"]}
+                     "templates": list(pipeline.vocabulary.templates), "strip_suffixes": list(NAME_SUFFIXES)}
 
     if fp16:
         for key in list(graphs):

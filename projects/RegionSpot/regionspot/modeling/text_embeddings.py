@@ -52,7 +52,7 @@ TEMPLATE_SETS = {
     "ensemble": IMAGENET_TEMPLATES + ("{}.",),
     "single": ("a photo of a {}.",),
 }
-_NAME_SUFFIXES = ("-other", "-merged", "-stuff")
+NAME_SUFFIXES = ("-other", "-merged", "-stuff")
 # v2 files carry a content checksum ("sha256"); v1 files (no checksum) are still read, see
 # `load_embedding_file`.
 FILE_FORMAT = "regionspot-text-embeddings-v2"
@@ -73,7 +73,7 @@ def clean_class_name(name: str) -> str:
     stripped = True
     while stripped:  # "wall-other-merged" -> "wall"
         stripped = False
-        for suffix in _NAME_SUFFIXES:
+        for suffix in NAME_SUFFIXES:
             if name.endswith(suffix):
                 name, stripped = name[: -len(suffix)], True
     return name

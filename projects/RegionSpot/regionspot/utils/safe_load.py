@@ -34,9 +34,10 @@ Source = Union[str, BinaryIO]
 # numpy's array, scalar and dtype reconstructors: numpy 1.x writes `numpy.core.multiarray`,
 # numpy 2 writes `numpy._core.multiarray`; both must load under either numpy.
 _NUMPY_GLOBALS: Dict[Tuple[str, str], Callable] = {}
+_multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 / numpy 1.x
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _NUMPY_GLOBALS[(_module, "_reconstruct")] = np._core.multiarray._reconstruct
-    _NUMPY_GLOBALS[(_module, "scalar")] = np._core.multiarray.scalar
+    _NUMPY_GLOBALS[(_module, "_reconstruct")] = _multiarray._reconstruct
+    _NUMPY_GLOBALS[(_module, "scalar")] = _multiarray.scalar
 _NUMPY_GLOBALS[("numpy", "ndarray")] = np.ndarray
 _NUMPY_GLOBALS[("numpy", "dtype")] = np.dtype
 
