@@ -23,17 +23,23 @@ def region_encoder_types() -> Tuple[str, ...]:
     return tuple(t for _, family in REGION_ENCODER_REGISTRY for t in family.SAM_TYPES)
 
 
+def _the_claimant(claims: List[Tuple[str, type]], key: str, value: str, choices: Tuple[str, ...],
+                  kind: str) -> type:
+    """The one family in `claims` (registry name, class) for config `key` = `value`; ValueError
+    naming the key and every registered choice when none, or the claimants when several."""
+    if not claims:
+        raise ValueError(f"Unknown {key} {value!r}; choose one of {choices}.")
+    if len(claims) > 1:
+        raise ValueError(f"{key} {value!r} is claimed by several registered {kind}: "
+                         f"{', '.join(name for name, _ in claims)}.")
+    return claims[0][1]
+
+
 def region_encoder_family(sam_type: str) -> Type[RegionEncoderBase]:
     """The registered family that builds `sam_type`; ValueError naming the key and every type
     when none does, or when two families claim it."""
-    claims: List[Tuple[str, type]] = [(name, family) for name, family in REGION_ENCODER_REGISTRY
-                                      if sam_type in family.SAM_TYPES]
-    if not claims:
-        raise ValueError(f"Unknown {SAM_TYPE_KEY} {sam_type!r}; choose one of {region_encoder_types()}.")
-    if len(claims) > 1:
-        raise ValueError(f"{SAM_TYPE_KEY} {sam_type!r} is claimed by several registered region encoders: "
-                         f"{', '.join(name for name, _ in claims)}.")
-    return claims[0][1]
+    claims = [(name, family) for name, family in REGION_ENCODER_REGISTRY if sam_type in family.SAM_TYPES]
+    return _the_claimant(claims, SAM_TYPE_KEY, sam_type, region_encoder_types(), "region encoders")
 
 
 def sam_type_random_by_default(sam_type: str) -> bool:
@@ -51,12 +57,7 @@ def vision_language_family(backend: str) -> Type[nn.Module]:
     """The registered family of CLIP.BACKEND `backend`; ValueError naming the key and every backend
     when none (or several) is."""
     claims = [(name, family) for name, family in VISION_LANGUAGE_ENCODER_REGISTRY if family.BACKEND == backend]
-    if not claims:
-        raise ValueError(f"Unknown {CLIP_BACKEND_KEY} {backend!r}; choose one of {vision_language_backends()}.")
-    if len(claims) > 1:
-        raise ValueError(f"{CLIP_BACKEND_KEY} {backend!r} is claimed by several registered vision-language "
-                         f"encoders: {', '.join(name for name, _ in claims)}.")
-    return claims[0][1]
+    return _the_claimant(claims, CLIP_BACKEND_KEY, backend, vision_language_backends(), "vision-language encoders")
 
 
 def check_encoder_config(cfg) -> None:
