@@ -19,7 +19,8 @@ processes, --batch images per forward), the model, and LVISEvaluator.process (RL
 kept masks, detections to JSON), after --warmup batches. That is the per-image cost of an
 `--eval-only` run; the final LVIS evaluation (once per run) is timed apart with --evaluate.
 --pipeline-seconds bounds the timed part, for a measurement that must fit a time budget. Its
-"masks" is the mask pasting and "rle" the RLE encoding inside the evaluator's process. Random SAM
+"masks" is making the kept masks (run lengths from the low-res logits; --mask-route dense: dense
+pastes) and "rle" the RLE encoding inside the evaluator's process. Random SAM
 weights give masks over about two thirds of the image; --box-masks makes each box's low-res logits
 box-shaped instead (positive inside the box), like a trained SAM's mask of the prompted object.
 
@@ -104,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--evaluate", action="store_true", help="--pipeline: also time the final LVIS evaluation")
     p.add_argument("--box-masks", action="store_true",
                    help="--pipeline: box-shaped low-res mask logits (SAM types), like trained SAM's masks")
+    p.add_argument("--mask-route", choices=("runs", "dense"), default="runs",
+                   help="how evaluation's masks are made: run lengths from the low-res logits (runs, the "
+                        "model's) or dense (N, H, W) windowed pastes encoded by the evaluator (dense)")
     p.add_argument("--roofline", action="store_true",
                    help="also report FLOPs per image and the distance to the measured matmul rate")
     p.add_argument("--json", default="", help="append the result as a JSON line to this file")
@@ -184,7 +188,7 @@ class StageTimer:
             "mask_decoder": (model, "decode_regions"),
             "clip": (model.clip_encoder, "encode_image_tokens"),
             "head": (model, "embed_regions"),
-            "masks": (model.sam_encoder, "paste_masks"),
+            "masks": (model, "detection_masks"),
         }
         for stage, (obj, name) in targets.items():
             setattr(obj, name, self._timed(stage, getattr(obj, name)))
@@ -311,11 +315,12 @@ def pipeline(args) -> dict:
     evaluator.reset()
     if args.box_masks:
         box_shaped_masks(model.sam_encoder)
+    if args.mask_route == "dense":
+        dense_mask_route(model)
     timer = StageTimer(model)
     import regionspot.evaluation as evaluation
-    encode_masks = getattr(evaluation, "encode_masks", None)
-    if encode_masks is not None:  # the evaluator's RLE encoding, timed apart (restored below)
-        evaluation.encode_masks = timer._timed("rle", encode_masks)
+    encode_shared = evaluation._encode_shared  # the evaluator's RLE strings, timed apart (restored below)
+    evaluation._encode_shared = timer._timed("rle", encode_shared)
     spent, timed, start = defaultdict(float), 0, None
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -338,8 +343,7 @@ def pipeline(args) -> dict:
             previous = done
             if start is not None and args.pipeline_seconds and done - start >= args.pipeline_seconds:
                 break
-    if encode_masks is not None:
-        evaluation.encode_masks = encode_masks
+    evaluation._encode_shared = encode_shared
     if not timed:
         raise SystemExit(f"--pipeline {args.pipeline} images in batches of {args.batch} leave nothing to time "
                          f"after --warmup {args.warmup} batches.")
@@ -363,6 +367,19 @@ def pipeline(args) -> dict:
         out["evaluate_s"] = time.perf_counter() - t0
         print(f"final LVIS evaluation of {args.pipeline} images: {out['evaluate_s']:.1f} s", flush=True)
     return out
+
+
+def dense_mask_route(model) -> None:
+    """--mask-route dense: the kept boxes' masks pasted as (N, H, W) booleans within their windows,
+    which the evaluator then RLE-encodes column by column (the route before run lengths)."""
+    from regionspot.structures import IndexedMasks
+
+    def dense(low_res, input_size, out_size, index):
+        masks, windows = model.sam_encoder.paste_masks(low_res, input_size, out_size, fast=model.fast_mask_paste,
+                                                       return_windows=True)
+        return IndexedMasks(masks, index, windows)
+
+    model.detection_masks = dense
 
 
 def box_shaped_masks(enc) -> None:

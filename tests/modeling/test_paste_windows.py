@@ -109,15 +109,16 @@ def test_no_masks(encoders):
     assert masks.shape == (0, 40, 30) and windows.shape == (0, 4)
 
 
-def test_detections_carry_windows_and_give_detectron2s_records(synthetic_val):
-    """The model's shared masks come with their windows, and the evaluator's records (RLE from
-    the windows) are detectron2's records of the dense masks."""
+def test_detections_hold_run_lengths_and_give_detectron2s_records(synthetic_val):
+    """The model's shared masks are run lengths, and the evaluator's records (COCO strings from
+    those counts) are detectron2's records of the dense masks."""
     from detectron2.data import DatasetCatalog
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
     from detectron2.modeling import build_model
 
     from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
     from regionspot.evaluation import instances_to_json
+    from regionspot.structures import RunLengthMasks
 
     from conftest import tiny_cfg
 
@@ -128,7 +129,86 @@ def test_detections_carry_windows_and_give_detectron2s_records(synthetic_val):
     for out in model([mapper(d) for d in DatasetCatalog.get(synthetic_val)[:2]]):
         inst = out["instances"]
         masks = inst.pred_masks
-        assert masks.windows is not None and masks.windows.shape == (masks.masks.shape[0], 4)
+        assert isinstance(masks.masks, RunLengthMasks) and len(masks) == len(inst)
         dense = inst[:]
         dense.pred_masks = masks.tensor
+        assert dense.pred_masks.any()  # the check below compares real masks
         assert instances_to_json(inst, 1) == instances_to_coco_json(dense, 1)
+
+
+def _grid(enc, input_size, size):
+    return enc._fast_grid(input_size, size, torch.device("cpu"))
+
+
+def _hard_logits(n_side: int) -> torch.Tensor:
+    """Logits that test the margins: exact zeros, subnormal positives, NaN and infinities inside
+    masks, huge magnitudes, and ramps whose rows or columns are constant (a zero slope)."""
+    base = torch.full((1, 1, n_side, n_side), -5.0)
+    zeros = base.clone()
+    zeros[..., 10:20, 10:20] = 0.0
+    zeros[..., 12:14, 12:14] = 1.0
+    tiny = base.clone()
+    tiny[..., 5:9, 30:40] = 1e-38
+    nan = base.clone()
+    nan[..., 20:30, 20:30] = 2.0
+    nan[..., 25, 25] = float("nan")
+    inf = base.clone()
+    inf[..., 3:8, 3:8] = float("inf")
+    inf[..., 40:44, 40:44] = -float("inf")
+    inf[..., 41, 10:30] = 1.0
+    huge = torch.randn(1, 1, n_side, n_side, generator=torch.Generator().manual_seed(1)) * 1e4
+    ramp = torch.linspace(-1, 1, n_side).view(1, 1, n_side, 1).expand(1, 1, n_side, n_side).clone()
+    return torch.cat([torch.zeros_like(base), zeros, tiny, nan, inf, huge, ramp, ramp.transpose(2, 3)])
+
+
+@pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
+@pytest.mark.parametrize("size", [(192, 256), (333, 500), (500, 333), (97, 131), (17, 403), (480, 640), (1, 1),
+                                  (3, 700), (700, 2), (320, 320), (160, 200), (40, 40)])
+def test_run_lengths_from_logits_equal_the_paste(encoders, family, size):
+    """`paste_masks_rle` finds the fast paste's runs from the low-res logits alone: they are those
+    of the whole-image paste, pixel for pixel, for every kind of logits, image sizes above and
+    below the map's (empty cell intervals), and sizes whose rows fall on cell boundaries."""
+    from regionspot.mask_rle import bilinear_run_lengths, decode_run_lengths, run_lengths
+
+    enc = encoders[family]
+    n_side = enc.image_size // 4
+    low = torch.cat([_logits(n_side, seed=size[0] + size[1]), _hard_logits(n_side)])
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast=True)
+    rle = enc.paste_masks_rle(low, input_size, size)
+    assert torch.equal(rle.tensor, expected)
+    counts, lengths = run_lengths(expected)
+    assert torch.equal(rle.counts, counts) and torch.equal(rle.lengths, lengths)
+    # Whole-image windows (no help from the low-res reach) give the same runs.
+    full = torch.tensor([[0, size[0], 0, size[1]]]).expand(len(low), 4)
+    assert torch.equal(decode_run_lengths(*bilinear_run_lengths(low, full, *_grid(enc, input_size, size)), size),
+                       expected)
+
+
+def test_run_lengths_in_small_groups(encoders, monkeypatch):
+    """A small work budget splits the masks into many groups; the runs stay the same."""
+    import regionspot.mask_rle as mask_rle
+
+    enc = encoders["tiny"]
+    low = _logits(enc.image_size // 4, seed=3)
+    size = (333, 500)
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast=True)
+    monkeypatch.setattr(mask_rle, "BILINEAR_CHUNK", 500)
+    assert torch.equal(enc.paste_masks_rle(low, input_size, size).tensor, expected)
+
+
+@pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
+def test_plain_paste_run_lengths(encoders, family):
+    """The plain paste has no shortcut: its masks are pasted, then encoded."""
+    enc = encoders[family]
+    low = _logits(enc.image_size // 4, seed=5)
+    size = (97, 131)
+    input_size = _input_size(enc, size)
+    rle = enc.paste_masks_rle(low, input_size, size, fast=False)
+    assert torch.equal(rle.tensor, _oracle_paste(enc, low, input_size, size, fast=False))
+
+
+def test_no_masks_as_run_lengths(encoders):
+    rle = encoders["tiny"].paste_masks_rle(torch.zeros(0, 1, 64, 64), (256, 192), (40, 30))
+    assert len(rle) == 0 and rle.tensor.shape == (0, 40, 30) and rle.to_coco() == []

@@ -21,7 +21,7 @@ from detectron2.utils.logger import create_small_table
 
 from .mask_rle import encode_masks
 from .modeling.vocabulary import BUILTIN_VOCABULARIES
-from .structures import IndexedMasks
+from .structures import IndexedMasks, RunLengthMasks
 from . import evaluation_results as shards
 from . import fast_eval
 from .fast_eval import patch_lvis_for_numpy2  # noqa: F401  (its home is the engine; callers import it here too)
@@ -33,15 +33,18 @@ logger = logging.getLogger(__name__)
 def instances_to_json(instances, img_id: int) -> List[dict]:
     """Like detectron2's `instances_to_coco_json` (the same records), with masks RLE-encoded by
     `regionspot.mask_rle` on their own device, and a mask shared by several detections (one box,
-    several classes: `IndexedMasks`) encoded once, from its window when it has one."""
+    several classes: `IndexedMasks`) encoded once, from its run lengths or window when it has them."""
     masks = instances.get("pred_masks") if instances.has("pred_masks") else None
     plain = isinstance(masks, torch.Tensor) and masks.dtype == torch.bool and masks.ndim == 3
-    if len(instances) == 0 or instances.has("pred_keypoints") or not (plain or isinstance(masks, IndexedMasks)):
+    compact = isinstance(masks, (IndexedMasks, RunLengthMasks))
+    if len(instances) == 0 or instances.has("pred_keypoints") or not (plain or compact):
         return instances_to_coco_json(instances.to("cpu"), img_id)  # no masks, or soft ones: detectron2's way
     boxes = instances.pred_boxes.tensor.detach().cpu().numpy()
     boxes = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS).tolist()
     if plain:
         rles, index = encode_masks(masks), range(len(masks))
+    elif isinstance(masks, RunLengthMasks):
+        rles, index = masks.to_coco(), range(len(masks))
     else:
         rles, index = _encode_shared(masks)
     for rle in rles:
@@ -56,9 +59,14 @@ def _encode_shared(masks: IndexedMasks) -> Tuple[List[dict], List[int]]:
     """RLEs of the unique masks some detection refers to, and each detection's RLE index."""
     used, index = masks.index.unique(return_inverse=True)
     unique, windows = masks.masks, masks.windows
-    if used.numel() != unique.shape[0]:  # skip the masks no detection refers to
-        unique = unique[used.to(unique.device)]
+    if used.numel() != len(unique):  # skip the masks no detection refers to
+        if isinstance(unique, RunLengthMasks):
+            unique = unique.select(used)
+        else:
+            unique = unique[used.to(unique.device)]
         windows = None if windows is None else windows[used.to(windows.device)]
+    if isinstance(unique, RunLengthMasks):  # already run lengths: only the strings to write
+        return unique.to_coco(), index.tolist()
     return encode_masks(unique, windows), index.tolist()
 
 

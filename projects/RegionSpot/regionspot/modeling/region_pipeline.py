@@ -262,7 +262,7 @@ class RegionPipeline(nn.Module):
                    max_dets: int, box_mask_size: int = 0) -> Instances:
         """Evaluation's output of one image: its `max_dets` best (box, class) pairs (`top_pairs`) as
         `Instances` at `out_size`, boxes rescaled from `image_size`, one mask per kept box shared by
-        its classes (`IndexedMasks`). With `box_mask_size`, masks are instead box-local
+        its classes (`IndexedMasks` over `RunLengthMasks`: no full-size buffers). With `box_mask_size`, masks are instead box-local
         probabilities of that side (`RegionEncoderBase.box_masks`), as detectron2's
         `detector_postprocess` expects them."""
         result = Instances(out_size)
@@ -277,9 +277,15 @@ class RegionPipeline(nn.Module):
                 masks = self.sam_encoder.box_masks(low_res[unique], input_size, image_size, boxes[unique], box_mask_size)
                 result.pred_masks = masks[inverse]
             else:
-                masks, windows = self.paste_masks(low_res[unique], input_size, out_size, return_windows=True)
-                result.pred_masks = IndexedMasks(masks, inverse, windows)
+                result.pred_masks = self.detection_masks(low_res[unique], input_size, out_size, inverse)
         return result
+
+    def detection_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], out_size: Tuple[int, int],
+                        index: torch.Tensor) -> IndexedMasks:
+        """Masks at `out_size` of the kept boxes' low-res logits, mask `index[i]` for detection i:
+        run lengths found from the logits on their device (`paste_masks_rle`), never (N, H, W)."""
+        masks = self.sam_encoder.paste_masks_rle(low_res, input_size, out_size, fast=self.fast_mask_paste)
+        return IndexedMasks(masks, index)
 
     def recognize(self, sam_emb: torch.Tensor, input_sizes: List[Tuple[int, int]], clip_tokens: torch.Tensor,
                   image_sizes: List[Tuple[int, int]], boxes: List[torch.Tensor],

@@ -17,6 +17,8 @@ from detectron2.utils.logger import log_first_n
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from ...mask_rle import bilinear_run_lengths, run_lengths
+from ...structures import RunLengthMasks
 from ...utils.weights import load_weights_file
 
 REGION_ENCODER_REGISTRY = Registry("REGION_ENCODER")
@@ -224,17 +226,47 @@ class RegionEncoderBase(nn.Module):
         windows = torch.stack([y0, y1, x0, x1], dim=1)
         return torch.where(empty[:, None], torch.zeros_like(windows), windows).to(low_res.device)
 
+    def _fast_grid(self, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The fast paste's sampling points: output pixel centres mapped into the padded input
+        frame, as grid_sample's [-1, 1] coordinates over the low-res map (align_corners=False),
+        (H,) for the rows and (W,) for the columns."""
+        H, W = original_size
+        S = float(self.image_size)
+        gy = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
+        gx = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
+        return gy, gx
+
+    def paste_masks_rle(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
+                        fast: bool = True) -> RunLengthMasks:
+        """The masks of `paste_masks` as `RunLengthMasks`, computed on `low_res`' device.
+
+        The fast paste's runs come straight from the low-res logits (`bilinear_run_lengths`: per
+        column and low-res cell, where the interpolated value crosses the threshold), pixel for
+        pixel those of `paste_masks(fast=True)` without any (N, H, W) buffer. Otherwise (the plain
+        paste, a threshold other than 0) the masks are pasted and then encoded.
+        """
+        if fast and self.mask_threshold == 0 and min(low_res.shape[-2:]) >= 2:
+            windows = self.mask_windows(low_res, input_size, original_size, fast=True)
+            gy, gx = self._fast_grid(input_size, original_size, low_res.device)
+
+            def dense(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                return run_lengths(self.paste_masks(low_res[index], input_size, original_size, fast=True),
+                                   windows[index])
+
+            counts, lengths = bilinear_run_lengths(low_res, windows, gy, gx, dense=dense)
+        else:
+            masks, windows = self.paste_masks(low_res, input_size, original_size, fast=fast, return_windows=True)
+            counts, lengths = run_lengths(masks, windows)
+        return RunLengthMasks(counts, lengths, original_size)
+
     def _paste_windows(self, low_res: torch.Tensor, windows: torch.Tensor, input_size: Tuple[int, int],
                        original_size: Tuple[int, int], out: torch.Tensor) -> None:
         """The fast paste of each mask's window into `out`: grid_sample at the same grid points as
         the whole-image grid (each output pixel depends only on its own grid point)."""
         H, W = original_size
-        S = float(self.image_size)
         dev = low_res.device
-        # Output pixel centres, mapped into the padded input frame, as grid_sample's [-1, 1]
-        # coordinates over the low-res map (align_corners=False convention).
-        gy = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (input_size[0] / H) * (2.0 / S) - 1.0
-        gx = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (input_size[1] / W) * (2.0 / S) - 1.0
+        gy, gx = self._fast_grid(input_size, original_size, dev)
         heights, widths = (windows[:, 1] - windows[:, 0]).tolist(), (windows[:, 3] - windows[:, 2]).tolist()
         todo = sorted((i for i in range(len(heights)) if heights[i] and widths[i]),
                       key=lambda i: (heights[i], widths[i]))
