@@ -46,8 +46,9 @@ CONFIGS = [
 ]
 GPU_BUDGET_S = 420  # seconds for all configurations on a GPU, by default
 # Configurations that also run the final evaluation of their detections (benchmark --evaluate):
-# the 300-box path with masks as an --eval-only run has it, RLE of the kept masks on the device
-# included (the evaluator's per-image time), then the results shards evaluated by fast_eval.
+# the 300-box path with masks as an --eval-only run has it, the masks' run lengths found on the
+# device from box-shaped low-res logits (--box-masks: like a trained SAM's masks; random weights
+# give noise), the evaluator's per-image time, then the results shards evaluated by fast_eval.
 EVALUATED = {(300, "bf16", "", 8, 8)}
 # Seconds a configuration is expected to need on an H200 (build, warm-up, timed part); one that
 # does not fit in the budget left is skipped rather than cut short.
@@ -74,13 +75,15 @@ def plan(dry_run: bool):
             batch, workers = min(batch, 2), min(workers, 1)
         label = (f"{boxes} boxes, {autocast or 'fp32'}, {'compiled' if compile_mode else 'eager'}, "
                  f"batch {batch}, {workers} workers"
-                 + (", evaluated" if (boxes_key, autocast, compile_mode, batch_key, workers_key) in EVALUATED else ""))
+                 + (", evaluated, box-shaped masks" if (boxes_key, autocast, compile_mode, batch_key, workers_key)
+                    in EVALUATED else ""))
         argv = ["--sam", s["sam"], "--clip", s["clip"], "--clip-size", "224", "--image-size", s["image_size"],
                 "--num-classes", str(s["num_classes"]), "--top-k", "300", "--boxes", str(boxes),
                 "--pipeline", str(images), "--batch", str(batch), "--workers", str(workers),
                 "--warmup", "2" if compile_mode and not dry_run else "1", "--pipeline-seconds", str(s["seconds"]),
                 "--roofline", "--autocast", autocast, "--device", "cpu" if dry_run else "cuda",
-                *(["--evaluate"] if (boxes_key, autocast, compile_mode, batch_key, workers_key) in EVALUATED else []),
+                *(["--evaluate", "--box-masks"] if (boxes_key, autocast, compile_mode, batch_key, workers_key) in EVALUATED
+                  else []),
                 "--opts", "MODEL.REGIONSPOT.COMPILE", compile_mode]
         out.append((label, compile_mode, argv))
     return out

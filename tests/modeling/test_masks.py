@@ -47,4 +47,4 @@ def test_fast_and_plain_paths_give_the_same_detections(synthetic_val):
         assert torch.equal(a.pred_classes, b.pred_classes)
         assert torch.allclose(a.scores, b.scores)
         assert torch.equal(a.pred_masks.index, b.pred_masks.index)
-        assert _iou(a.pred_masks.masks.tensor, b.pred_masks.masks.tensor).min() >= 0.99
+        assert _iou(a.pred_masks.tensor, b.pred_masks.tensor).min() >= 0.99

@@ -109,19 +109,22 @@ def test_no_masks(encoders):
     assert masks.shape == (0, 40, 30) and windows.shape == (0, 4)
 
 
-def test_detections_hold_run_lengths_and_give_detectron2s_records(synthetic_val):
-    """The model's shared masks are run lengths, and the evaluator's records (COCO strings from
-    those counts) are detectron2's records of the dense masks."""
+@pytest.mark.parametrize("runs", [True, False])
+def test_detections_give_detectron2s_records(synthetic_val, monkeypatch, runs):
+    """Whichever way the model makes its shared masks (run lengths from the logits, or windowed
+    pastes for noisy masks), the evaluator's records are detectron2's records of the dense masks."""
     from detectron2.data import DatasetCatalog
     from detectron2.evaluation.coco_evaluation import instances_to_coco_json
     from detectron2.modeling import build_model
 
     from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
     from regionspot.evaluation import instances_to_json
+    from regionspot.modeling.encoders.region_encoder import RegionEncoderBase
     from regionspot.structures import RunLengthMasks
 
     from conftest import tiny_cfg
 
+    monkeypatch.setattr(RegionEncoderBase, "run_lengths_pay_off", lambda *a: runs)
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -129,11 +132,30 @@ def test_detections_hold_run_lengths_and_give_detectron2s_records(synthetic_val)
     for out in model([mapper(d) for d in DatasetCatalog.get(synthetic_val)[:2]]):
         inst = out["instances"]
         masks = inst.pred_masks
-        assert isinstance(masks.masks, RunLengthMasks) and len(masks) == len(inst)
+        assert isinstance(masks.masks, RunLengthMasks) == runs and len(masks) == len(inst)
+        assert runs or masks.windows is not None
         dense = inst[:]
         dense.pred_masks = masks.tensor
         assert dense.pred_masks.any()  # the check below compares real masks
         assert instances_to_json(inst, 1) == instances_to_coco_json(dense, 1)
+
+
+def test_run_lengths_pay_off_for_smooth_masks_not_noise(encoders):
+    """The route choice: box-shaped logits (a trained SAM's kind of mask) take the run lengths,
+    cell-level noise (random weights) the paste."""
+    enc = encoders["tiny"]
+    size = (480, 640)
+    input_size = _input_size(enc, size)
+    n_side = enc.image_size // 4
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(50, 1, n_side, n_side, generator=g)
+    boxes = torch.full((50, 1, n_side, n_side), -3.0)
+    for i in range(50):
+        y, x = torch.randint(0, n_side // 2, (2,), generator=g).tolist()
+        boxes[i, 0, y: y + 8, x: x + 12] = 3.0
+    for low, expected in ((boxes, True), (noise, False)):
+        windows = enc.mask_windows(low, input_size, size, fast=True)
+        assert enc.run_lengths_pay_off(low, input_size, size, windows) == expected
 
 
 def _grid(enc, input_size, size):

@@ -115,3 +115,18 @@ def test_pipeline_box_masks_are_box_shaped_and_rle_is_timed_inside_the_evaluator
         x, y, w, h = d["bbox"]
         assert len(ys) and xs.min() >= x - 6 and xs.max() <= x + w + 6 and ys.min() >= y - 6 and ys.max() <= y + h + 6
         assert m.sum() >= 0.5 * w * h
+
+
+def test_both_mask_routes_write_the_same_detections(tmp_path):
+    """--mask-route dense (windowed pastes, encoded by the evaluator) and the model's run lengths
+    give the same records, masks included, and both time the evaluator's RLE strings."""
+    out = {}
+    for route in ("runs", "dense"):
+        args = benchmark.parse_args(["--sam", "tiny", "--clip", "tiny", "--device", "cpu", "--pipeline", "3",
+                                     "--workers", "0", "--boxes", "6", "--num-classes", "5", "--image-size", "200x150",
+                                     "--pipeline-root", str(tmp_path / route), "--box-masks", "--evaluate",
+                                     "--mask-route", route])
+        assert benchmark.pipeline(args)["per_image_s"]["rle"] > 0
+        with open(tmp_path / route / "eval" / "lvis_instances_results.json") as f:
+            out[route] = sorted(json.load(f), key=lambda d: (d["image_id"], d["category_id"], d["bbox"]))
+    assert out["runs"] and out["runs"] == out["dense"]

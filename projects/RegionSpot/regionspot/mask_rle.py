@@ -10,7 +10,7 @@ A mask may come with a window (`y0, y1, x0, x1`, see `RegionEncoderBase.paste_ma
 it is known to be False: then only the columns in its window are read, since in column-major order
 every column outside it is part of a run of zeros.
 """
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -265,11 +265,6 @@ def _encode_value(x: int) -> bytes:
 _MARGIN = 1e-3
 # (masks x cell intervals x columns) evaluated at once: bounds the temporaries at any image size.
 BILINEAR_CHUNK = 1 << 20
-# A mask is pasted instead when it has more than one expected crossing per this many window pixels:
-# on a 2-core CPU, following a crossing costs about as much as sampling 40 pixels. Pasted masks are
-# pasted DENSE_PIXELS (masks x H x W) at a time.
-DENSE_CROSSINGS = 40
-DENSE_PIXELS = 1 << 24
 
 
 def _cell_axis(grid: torch.Tensor, cells: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,9 +296,7 @@ def _size_groups(rows: List[int], cols: List[int], budget: int, slack: float = 2
 
 
 def bilinear_run_lengths(low_res: torch.Tensor, windows: torch.Tensor, grid_y: torch.Tensor,
-                         grid_x: torch.Tensor,
-                         dense: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+                         grid_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """`run_lengths` of `grid_sample(low_res, grid) > 0` (bilinear, align_corners=False, border
     padding) on the separable grid `grid_y` x `grid_x`, without sampling every pixel.
 
@@ -312,9 +305,6 @@ def bilinear_run_lengths(low_res: torch.Tensor, windows: torch.Tensor, grid_y: t
         windows: (N, 4) `y0, y1, x0, x1` per mask, outside which the mask is known to be False
             (`RegionEncoderBase.mask_windows`).
         grid_y, grid_x: (H,) and (W,) float32 grid_sample coordinates of the output rows, columns.
-        dense: optional `dense(index) -> (counts, lengths)` of the masks at `index` by pasting
-            them; used for masks whose sign changes so often (noise, e.g. random SAM weights) that
-            following each change would cost more than sampling every pixel (`DENSE_CROSSINGS`).
     Returns (counts, lengths) as `run_lengths` gives them for the (N, H, W) masks.
     """
     n_masks, _, h, w = low_res.shape
@@ -344,16 +334,6 @@ def bilinear_run_lengths(low_res: torch.Tensor, windows: torch.Tensor, grid_y: t
     first = torch.where(live, k_y[y0.clamp(0, H - 1)], 0)
     n_cells = torch.where(live, k_y[(y1 - 1).clamp(0, H - 1)] - first + 1, 0)
     n_cols = (x1 - x0).clamp(min=0)
-    pasted = torch.zeros(n_masks, dtype=torch.bool, device=dev)
-    if dense is not None and n_masks:
-        # Crossings to expect: each sign change between vertically neighbouring cells crosses the
-        # output columns over its cell column. Masks with more than one per DENSE_CROSSINGS
-        # window pixels are pasted.
-        changes = ((logits[:, 1:] > 0) != (logits[:, :-1] > 0)).flatten(1).sum(dim=1)
-        columns_per_cell = W / (int(k_x[-1] - k_x[0]) + 2)
-        pasted = changes * columns_per_cell * DENSE_CROSSINGS > ((y1 - y0) * (x1 - x0)).clamp(min=0)
-        live &= ~pasted
-        n_cells = torch.where(live, n_cells, 0)
     keys, sparse = [], []
     for group in _size_groups(n_cells.tolist(), n_cols.tolist(), BILINEAR_CHUNK):
         idx = torch.tensor(group, device=dev)
@@ -361,30 +341,28 @@ def bilinear_run_lengths(low_res: torch.Tensor, windows: torch.Tensor, grid_y: t
                                       int(n_cells[idx].max()), int(n_cols[idx].max()), axis, sparse))
     if sparse:
         keys += _crossings(low_res, grid_y, grid_x, axis, sparse)
-    counts, lengths = _counts_from_boundaries(
-        torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=dev), n_masks, H * W)
-    if bool(pasted.any()):  # their counts replace the empty ones computed above
-        index = pasted.nonzero().flatten()
-        step = max(1, DENSE_PIXELS // max(1, H * W))
-        parts = [dense(index[i:i + step]) for i in range(0, len(index), step)]
-        counts, lengths = _replace_runs(counts, lengths, index, torch.cat([p[0] for p in parts]),
-                                        torch.cat([p[1] for p in parts]))
-    return counts, lengths
+    return _counts_from_boundaries(torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=dev),
+                                   n_masks, H * W)
 
 
-def _replace_runs(counts: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor, new_counts: torch.Tensor,
-                  new_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run lengths with the masks at `index` replaced by `new_counts`, `new_lengths`."""
-    n = len(lengths)
-    lengths_all = torch.cat([lengths, new_lengths])
-    source = torch.arange(n, device=lengths.device)
-    source[index] = n + torch.arange(len(index), device=lengths.device)  # mask i's counts come from here
-    all_counts = torch.cat([counts, new_counts])
-    starts = lengths_all.cumsum(0) - lengths_all
-    picked = lengths_all[source]
-    within = torch.arange(int(picked.sum()), device=counts.device) - torch.repeat_interleave(
-        picked.cumsum(0) - picked, picked)
-    return all_counts[torch.repeat_interleave(starts[source], picked) + within], picked
+def bilinear_pays_off(low_res: torch.Tensor, windows: torch.Tensor, size: Tuple[int, int],
+                      columns_per_cell: float) -> bool:
+    """Whether `bilinear_run_lengths` is expected to be cheaper on a CPU than pasting the masks
+    (within their windows) and encoding them. Its cost grows with the (column, cell interval)
+    pairs and the zero crossings; the paste's with the masks' pixels. Crossings are expected where
+    vertically neighbouring cells differ in sign, one per output column over the cell column.
+    Smooth masks (a trained SAM's) pay off; noise (random weights) does not. The constants are
+    nanoseconds measured with tools/benchmark.py on a 2-core CPU."""
+    if low_res.shape[0] == 0:
+        return True
+    y0, y1, x0, x1 = windows.long().unbind(1)
+    window_pixels = float(((y1 - y0) * (x1 - x0)).clamp(min=0).sum())
+    pairs = window_pixels * low_res.shape[-2] / max(1, size[0]) * 1.5  # cell intervals per row, padded
+    logits = low_res[:, 0]
+    crossings = float(((logits[:, 1:] > 0) != (logits[:, :-1] > 0)).sum()) * columns_per_cell
+    runs = 14 * pairs + 250 * crossings
+    paste = 0.7 * low_res.shape[0] * size[0] * size[1] + 4 * window_pixels
+    return runs < paste
 
 
 def _group_boundaries(logits, margin, finite, idx, first, x0, Q, C, axis, sparse) -> torch.Tensor:

@@ -262,7 +262,7 @@ class RegionPipeline(nn.Module):
                    max_dets: int, box_mask_size: int = 0) -> Instances:
         """Evaluation's output of one image: its `max_dets` best (box, class) pairs (`top_pairs`) as
         `Instances` at `out_size`, boxes rescaled from `image_size`, one mask per kept box shared by
-        its classes (`IndexedMasks` over `RunLengthMasks`: no full-size buffers). With `box_mask_size`, masks are instead box-local
+        its classes (`IndexedMasks`, see `detection_masks`). With `box_mask_size`, masks are instead box-local
         probabilities of that side (`RegionEncoderBase.box_masks`), as detectron2's
         `detector_postprocess` expects them."""
         result = Instances(out_size)
@@ -283,9 +283,15 @@ class RegionPipeline(nn.Module):
     def detection_masks(self, low_res: torch.Tensor, input_size: Tuple[int, int], out_size: Tuple[int, int],
                         index: torch.Tensor) -> IndexedMasks:
         """Masks at `out_size` of the kept boxes' low-res logits, mask `index[i]` for detection i:
-        run lengths found from the logits on their device (`paste_masks_rle`), never (N, H, W)."""
-        masks = self.sam_encoder.paste_masks_rle(low_res, input_size, out_size, fast=self.fast_mask_paste)
-        return IndexedMasks(masks, index)
+        run lengths found from the logits on their device (`paste_masks_rle`), or, for masks so
+        noisy that pasting is cheaper (random SAM weights; `run_lengths_pay_off`), (N, H, W)
+        pastes with their windows, which the evaluator encodes."""
+        enc, fast = self.sam_encoder, self.fast_mask_paste
+        windows = enc.mask_windows(low_res, input_size, out_size, fast)
+        if fast and enc.run_lengths_pay_off(low_res, input_size, out_size, windows):
+            return IndexedMasks(enc.paste_masks_rle(low_res, input_size, out_size, fast, windows), index)
+        masks = enc.paste_masks(low_res, input_size, out_size, fast=fast, windows=windows)
+        return IndexedMasks(masks, index, windows)
 
     def recognize(self, sam_emb: torch.Tensor, input_sizes: List[Tuple[int, int]], clip_tokens: torch.Tensor,
                   image_sizes: List[Tuple[int, int]], boxes: List[torch.Tensor],

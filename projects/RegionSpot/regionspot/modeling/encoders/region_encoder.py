@@ -17,7 +17,7 @@ from detectron2.utils.logger import log_first_n
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ...mask_rle import bilinear_run_lengths, run_lengths
+from ...mask_rle import bilinear_pays_off, bilinear_run_lengths, run_lengths
 from ...structures import RunLengthMasks
 from ...utils.weights import load_weights_file
 
@@ -156,7 +156,7 @@ class RegionEncoderBase(nn.Module):
 
     def paste_masks(
         self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-        fast: bool = False, chunk: int = 16, return_windows: bool = False,
+        fast: bool = False, chunk: int = 16, return_windows: bool = False, windows: Optional[torch.Tensor] = None,
     ):
         """Low-res mask logits (N, 1, h, w) -> boolean masks (N, H, W) at the original size.
 
@@ -175,10 +175,12 @@ class RegionEncoderBase(nn.Module):
         `paste_pixels` pixels at a time.
 
         Returns the masks, and with `return_windows` also their (N, 4) windows `y0, y1, x0, x1`
-        (False outside; `regionspot.mask_rle` encodes a mask from its window's columns).
+        (False outside; `regionspot.mask_rle` encodes a mask from its window's columns). `windows`:
+        those of `mask_windows(..., fast)` when the caller has them.
         """
         n = low_res.shape[0]
-        windows = self.mask_windows(low_res, input_size, original_size, fast)
+        if windows is None:
+            windows = self.mask_windows(low_res, input_size, original_size, fast)
         # Unless the paste writes every pixel of every mask, all are False first.
         sizes = torch.stack([windows[:, 1] - windows[:, 0], windows[:, 3] - windows[:, 2]], dim=1)
         written = (sizes == sizes.new_tensor(original_size)).all(dim=1) if fast else (sizes > 0).all(dim=1)
@@ -238,27 +240,33 @@ class RegionEncoderBase(nn.Module):
         return gy, gx
 
     def paste_masks_rle(self, low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int],
-                        fast: bool = True) -> RunLengthMasks:
+                        fast: bool = True, windows: Optional[torch.Tensor] = None) -> RunLengthMasks:
         """The masks of `paste_masks` as `RunLengthMasks`, computed on `low_res`' device.
 
         The fast paste's runs come straight from the low-res logits (`bilinear_run_lengths`: per
         column and low-res cell, where the interpolated value crosses the threshold), pixel for
         pixel those of `paste_masks(fast=True)` without any (N, H, W) buffer. Otherwise (the plain
-        paste, a threshold other than 0) the masks are pasted and then encoded.
+        paste, a threshold other than 0) the masks are pasted and then encoded. `windows`: those
+        of `mask_windows(..., fast)` when the caller has them.
         """
+        if windows is None:
+            windows = self.mask_windows(low_res, input_size, original_size, fast=fast)
         if fast and self.mask_threshold == 0 and min(low_res.shape[-2:]) >= 2:
-            windows = self.mask_windows(low_res, input_size, original_size, fast=True)
             gy, gx = self._fast_grid(input_size, original_size, low_res.device)
-
-            def dense(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                return run_lengths(self.paste_masks(low_res[index], input_size, original_size, fast=True),
-                                   windows[index])
-
-            counts, lengths = bilinear_run_lengths(low_res, windows, gy, gx, dense=dense)
+            counts, lengths = bilinear_run_lengths(low_res, windows, gy, gx)
         else:
-            masks, windows = self.paste_masks(low_res, input_size, original_size, fast=fast, return_windows=True)
+            masks = self.paste_masks(low_res, input_size, original_size, fast=fast, windows=windows)
             counts, lengths = run_lengths(masks, windows)
         return RunLengthMasks(counts, lengths, original_size)
+
+    def run_lengths_pay_off(self, low_res: torch.Tensor, input_size: Tuple[int, int],
+                            original_size: Tuple[int, int], windows: torch.Tensor) -> bool:
+        """Whether `paste_masks_rle` is the cheaper way to these masks' run lengths than pasting
+        them (see `bilinear_pays_off`); always on accelerators, where it never needs (N, H, W)."""
+        if low_res.device.type != "cpu":
+            return True
+        columns_per_cell = self.image_size / (input_size[1] / original_size[1]) / low_res.shape[-1]
+        return bilinear_pays_off(low_res, windows, original_size, columns_per_cell)
 
     def _paste_windows(self, low_res: torch.Tensor, windows: torch.Tensor, input_size: Tuple[int, int],
                        original_size: Tuple[int, int], out: torch.Tensor) -> None:
