@@ -221,6 +221,106 @@ def test_run_lengths_in_small_groups(encoders, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
+def test_run_lengths_where_border_padding_clamps_rows(encoders, family):
+    """Rows above the first cell centre (or below the last) all read one clamped coordinate. With the
+    top (bottom) cell row near zero at some columns, exactly or a few float32 steps either side, and
+    a steep drop to the next cell row, every clamped row gets grid_sample's sign, not just the one
+    next to the crossing."""
+    from regionspot.mask_rle import _cell_axis
+
+    enc = encoders[family]
+    n = enc.image_size // 4
+    size = (1000, 1000)
+    input_size = _input_size(enc, size)
+    _, gx = _grid(enc, input_size, size)
+    _, k_x, t_x = _cell_axis(gx, n)
+    columns = [x for x in range(0, size[1], 7) if 0 < float(t_x[x]) < 1][::5]
+    low = []
+    for edge, inner in ((0, 1), (n - 1, n - 2)):
+        for step in (-2, -1, 0, 1, 2):
+            m = torch.full((1, 1, n, n), -100.0)
+            m[0, 0, edge] = -1.0
+            for x in columns:
+                t = float(t_x[x])
+                b = torch.tensor((1 - t) / t, dtype=torch.float32)  # (1 - t) * -1 + t * b = 0 at column x
+                for _ in range(abs(step)):
+                    b = torch.nextafter(b, torch.tensor(float("inf") if step > 0 else -float("inf")))
+                m[0, 0, edge, int(k_x[x])], m[0, 0, edge, int(k_x[x]) + 1] = -1.0, b
+            m[0, 0, inner] = -100.0
+            low.append(m)
+    low = torch.cat(low)
+    expected = _oracle_paste(enc, low, input_size, size, fast=True)
+    assert expected[:, 0].any() and expected[:, -1].any()  # some clamped rows are True, some not
+    assert torch.equal(enc.paste_masks_rle(low, input_size, size).tensor, expected)
+
+
+@pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
+def test_run_lengths_of_subnormal_logits(encoders, family):
+    """Masks whose largest logit is subnormal or barely normal: rounding is absolute there, and the
+    runs are still grid_sample's."""
+    enc = encoders[family]
+    n = enc.image_size // 4
+    blobs = F.interpolate(torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0)), n, mode="bicubic")
+    low = torch.cat([blobs * scale for scale in (1e-44, 1e-42, 1e-40, 1e-37)])
+    size = (333, 500)
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast=True)
+    assert expected.any()
+    assert torch.equal(enc.paste_masks_rle(low, input_size, size).tensor, expected)
+
+
+def test_run_lengths_work_in_bounded_pieces(encoders, monkeypatch):
+    """With a small budget, wide windows go in column bands and the pixels sampled exactly (a mask
+    whose values all lie within its margin of zero: every pixel) in bounded grids; the runs are
+    unchanged."""
+    import regionspot.mask_rle as mask_rle
+
+    enc = encoders["tiny"]
+    n = enc.image_size // 4
+    flat = torch.full((1, 1, n, n), 0.5)
+    flat[0, 0, 5, 5] = 1000.0  # margin 1: every value of this mask is near zero
+    low = torch.cat([flat, _logits(n, seed=7)])
+    size = (600, 900)
+    input_size = _input_size(enc, size)
+    expected = _oracle_paste(enc, low, input_size, size, fast=True)
+    budget = 2000
+    monkeypatch.setattr(mask_rle, "BILINEAR_CHUNK", budget)
+    blocks, grids = [], []
+    group_boundaries, grid_sample = mask_rle._group_boundaries, F.grid_sample
+
+    def record_block(logits, margin, finite, idx, first, x0, n_cols, Q, C, *rest):
+        blocks.append(len(idx) * Q * C)
+        return group_boundaries(logits, margin, finite, idx, first, x0, n_cols, Q, C, *rest)
+
+    def record_grid(source, grid, **kwargs):
+        grids.append(grid.shape[0] * grid.shape[2])
+        return grid_sample(source, grid, **kwargs)
+
+    monkeypatch.setattr(mask_rle, "_group_boundaries", record_block)
+    monkeypatch.setattr(mask_rle.F, "grid_sample", record_grid)
+    got = enc.paste_masks_rle(low, input_size, size).tensor
+    monkeypatch.undo()
+    assert torch.equal(got, expected)
+    assert max(blocks) <= budget and sum(blocks) >= n * size[1]  # the flat mask's window alone is wider
+    rows_per_interval = size[0] // n + 2
+    assert len(grids) > 1 and max(grids) <= 2 * (budget + rows_per_interval)
+
+
+def test_run_lengths_without_float64(encoders, monkeypatch):
+    """A device without float64 (MPS) pastes and encodes instead: the same runs."""
+    import regionspot.modeling.encoders.region_encoder as region_encoder
+
+    enc = encoders["tiny"]
+    low = _logits(enc.image_size // 4, seed=9)
+    size = (97, 131)
+    input_size = _input_size(enc, size)
+    monkeypatch.setattr(region_encoder, "has_float64", lambda device: False)
+    monkeypatch.setattr(region_encoder, "bilinear_run_lengths", None)  # not called
+    assert torch.equal(enc.paste_masks_rle(low, input_size, size).tensor,
+                       _oracle_paste(enc, low, input_size, size, fast=True))
+
+
+@pytest.mark.parametrize("family", ["tiny", "sam2_tiny"])
 def test_plain_paste_run_lengths(encoders, family):
     """The plain paste has no shortcut: its masks are pasted, then encoded."""
     enc = encoders[family]

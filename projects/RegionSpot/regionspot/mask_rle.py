@@ -10,6 +10,7 @@ A mask may come with a window (`y0, y1, x0, x1`, see `RegionEncoderBase.paste_ma
 it is known to be False: then only the columns in its window are read, since in column-major order
 every column outside it is part of a run of zeros.
 """
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -259,12 +260,26 @@ def _encode_value(x: int) -> bytes:
 # Exactness: the analytic value (float32 interpolation) and grid_sample's float32 value differ by
 # rounding only (relative 1e-7 on the values, about 1e-7 of the map's side on the coordinates, also
 # where a coordinate falls on a cell boundary and grid_sample may read the neighbouring cell with a
-# rounding-size weight): far below `_MARGIN` times the mask's largest magnitude. Every pixel whose
-# analytic value is that close to zero is sampled by grid_sample itself, so the runs are those of the
-# paste, pixel for pixel.
+# rounding-size weight): far below `_MARGIN` times the mask's largest magnitude, and below
+# `_MARGIN_FLOOR` where values are subnormal (there rounding is absolute, about 1e-45). Every pixel
+# whose analytic value is that close to zero is sampled by grid_sample itself, so the runs are those
+# of the paste, pixel for pixel.
 _MARGIN = 1e-3
-# (masks x cell intervals x columns) evaluated at once: bounds the temporaries at any image size.
+_MARGIN_FLOOR = 1e-30
+# Elements evaluated at once: (masks x cell intervals x columns) of the analytic pass, window columns
+# in bands where one window alone is larger; pixels sampled exactly per grid_sample. Bounds the
+# temporaries at any image size.
 BILINEAR_CHUNK = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def has_float64(device: torch.device) -> bool:
+    """Whether tensors of `device` can be float64 (`bilinear_run_lengths` needs it; MPS has none)."""
+    try:
+        torch.zeros(1, dtype=torch.float64, device=device)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _cell_axis(grid: torch.Tensor, cells: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,27 +333,44 @@ def bilinear_run_lengths(low_res: torch.Tensor, windows: torch.Tensor, grid_y: t
     axis = {"u_y": u_y, "t_y": (u_y - k_y).float(), "k_x": k_x, "t_x": t_x.float(),
             "start": torch.searchsorted(k_y, cell_ids),  # output rows of cell interval k: [start, stop)
             "stop": torch.searchsorted(k_y, cell_ids, right=True), "H": H, "W": W, "h": h, "w": w,
-            "last": int(k_y[-1])}
+            "last": int(k_y[-1]), "regular": _regular_rows(u_y)}
     logits = low_res[:, 0].float()
     # Per mask, how far from zero a value must be for its sign to be sure (see _MARGIN).
     if n_masks:
-        low, high = logits.flatten(1).aminmax(dim=1)
-        margin = torch.maximum(high, -low) * _MARGIN
+        flat = logits.flatten(1)  # amax and amin: several times faster than aminmax(dim=1) on a CPU
+        margin = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)) * _MARGIN
     else:
         margin = logits.new_zeros(0)
     finite = bool(torch.isfinite(margin).all())  # NaN and inf reach the extremes
     if not finite:  # those pixels are sampled exactly; the margin comes from the finite values
         margin = torch.nan_to_num(logits.abs(), nan=0.0, posinf=0.0).flatten(1).amax(dim=1) * _MARGIN
+    margin = margin.clamp(min=_MARGIN_FLOOR)
     y0, y1, x0, x1 = windows.to(dev).long().unbind(1)
     live = (y1 > y0) & (x1 > x0)
     first = torch.where(live, k_y[y0.clamp(0, H - 1)], 0)
     n_cells = torch.where(live, k_y[(y1 - 1).clamp(0, H - 1)] - first + 1, 0)
     n_cols = (x1 - x0).clamp(min=0)
+    # Columns are independent: a window of more than BILINEAR_CHUNK (cell interval, column) pairs goes
+    # in bands of columns, each a piece of its own.
+    pieces, piece_x0, piece_cols = torch.arange(n_masks, device=dev), x0, n_cols
+    split = n_masks > 0 and int((n_cells * n_cols).max()) > BILINEAR_CHUNK
+    if split:
+        piece_mask, starts, widths = [], [], []
+        for i, (cells, x, cols) in enumerate(zip(n_cells.tolist(), x0.tolist(), n_cols.tolist())):
+            band = max(1, BILINEAR_CHUNK // max(1, cells))
+            for b in range(0, cols, band):
+                piece_mask.append(i), starts.append(x + b), widths.append(min(band, cols - b))
+        pieces, piece_x0, piece_cols = (torch.tensor(v, dtype=torch.long, device=dev)
+                                        for v in (piece_mask, starts, widths))
     keys, sparse = [], []
-    for group in _size_groups(n_cells.tolist(), n_cols.tolist(), BILINEAR_CHUNK):
-        idx = torch.tensor(group, device=dev)
-        keys.append(_group_boundaries(logits, margin[idx], finite, idx, first[idx], x0[idx],
-                                      int(n_cells[idx].max()), int(n_cols[idx].max()), axis, sparse))
+    for group in _size_groups(n_cells[pieces].tolist(), piece_cols.tolist(), BILINEAR_CHUNK):
+        p = torch.tensor(group, device=dev)
+        idx = pieces[p]
+        keys.append(_group_boundaries(logits, margin[idx], finite, idx, first[idx], piece_x0[p], piece_cols[p],
+                                      int(n_cells[idx].max()), int(piece_cols[p].max()), axis, sparse, split))
+        if sum(len(part[0]) for part in sparse) >= BILINEAR_CHUNK:
+            keys += _crossings(low_res, grid_y, grid_x, axis, sparse)
+            sparse.clear()
     if sparse:
         keys += _crossings(low_res, grid_y, grid_x, axis, sparse)
     return _counts_from_boundaries(torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long, device=dev),
@@ -358,23 +390,28 @@ def bilinear_pays_off(low_res: torch.Tensor, windows: torch.Tensor, size: Tuple[
     y0, y1, x0, x1 = windows.long().unbind(1)
     window_pixels = float(((y1 - y0) * (x1 - x0)).clamp(min=0).sum())
     pairs = window_pixels * low_res.shape[-2] / max(1, size[0]) * 1.5  # cell intervals per row, padded
-    logits = low_res[:, 0]
-    crossings = float(((logits[:, 1:] > 0) != (logits[:, :-1] > 0)).sum()) * columns_per_cell
+    positive = low_res[:, 0] > 0
+    crossings = float(torch.count_nonzero(positive[:, 1:] ^ positive[:, :-1])) * columns_per_cell
     runs = 14 * pairs + 250 * crossings
     paste = 0.7 * low_res.shape[0] * size[0] * size[1] + 4 * window_pixels
     return runs < paste
 
 
-def _group_boundaries(logits, margin, finite, idx, first, x0, Q, C, axis, sparse) -> torch.Tensor:
-    """Boundary keys (mask * (H*W + 1) + column-major pixel) of a group of masks where a column's
-    sign changes between cell intervals; into `sparse` the (mask, column, interval) triples whose
-    interval holds a crossing or a value near zero."""
+def _group_boundaries(logits, margin, finite, idx, first, x0, n_cols, Q, C, axis, sparse, split) -> torch.Tensor:
+    """Boundary keys (mask * (H*W + 1) + column-major pixel) of a group of masks (columns x0 to
+    x0 + n_cols of mask idx each) where a column's sign changes between cell intervals; into `sparse`
+    the (mask, column, interval) triples whose interval holds a crossing or a value near zero.
+
+    Padding to C columns adds columns outside a piece. Without `split` they are its mask's own
+    columns outside its window, False like the paste and found consistently; with `split` another
+    piece of the same mask may hold them, so only the piece's own columns count."""
     dev = logits.device
     H, W, h = axis["H"], axis["W"], axis["h"]
     n = len(idx)
     # Q intervals and C columns from here hold each mask's window, and no interval below the image's last.
     q0 = first.clamp(max=min(h - 1, axis["last"] + 1) - Q)
     cols = x0.clamp(max=W - C)[:, None] + torch.arange(C, device=dev)          # (n, C)
+    own = ((cols >= x0[:, None]) & (cols < (x0 + n_cols)[:, None]))[:, None] if split else None  # (n, 1, C)
     cells = q0[:, None] + torch.arange(Q + 1, device=dev)                       # (n, Q + 1) cell rows
     slab = logits[idx[:, None], cells]                                          # (n, Q + 1, w)
     kx = axis["k_x"][cols][:, None, :].expand(-1, Q + 1, -1)
@@ -407,6 +444,9 @@ def _group_boundaries(logits, margin, finite, idx, first, x0, Q, C, axis, sparse
     unsure = crosses | (v_first.abs() <= m3) | (v_last.abs() <= m3)
     if not finite:
         unsure |= ~torch.isfinite(v_first + v_last)
+    if split:
+        enters &= own
+        unsure &= own
     if not filled:
         unsure &= rows3
     col_base = cols * H
@@ -415,6 +455,8 @@ def _group_boundaries(logits, margin, finite, idx, first, x0, Q, C, axis, sparse
     out = [base[m] + col_base[m, j] + start[m, q]]
     # A column still positive after its last interval that holds rows ends there.
     ends = s_last.gather(1, tail.clamp(min=0)[:, None, None].expand(-1, 1, C))[:, 0] & (tail >= 0)[:, None]
+    if split:
+        ends &= own[:, 0]
     m, j = ends.nonzero(as_tuple=True)
     out.append(base[m] + col_base[m, j] + stop[m, tail[m]])
     flat = unsure.flatten().nonzero().flatten()
@@ -429,6 +471,14 @@ def _nonzero3(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
     flat = x.flatten().nonzero().flatten()
     b, c = x.shape[1], x.shape[2]
     return flat // (b * c), (flat // c) % b, flat % c
+
+
+def _regular_rows(u: torch.Tensor) -> torch.Tensor:
+    """Per output row r, whether the rows beside the pair (r, r + 1) are at least half the pair's
+    spacing away from it (so a line through the pair is further from zero there). False where border
+    padding clamps several rows to one coordinate."""
+    gap = torch.cat([u.new_full((1,), float("inf")), u.diff(), u.new_full((2,), float("inf"))])  # gap[r] = u[r] - u[r-1]
+    return (gap[:-2] >= 0.5 * gap[1:-1]) & (gap[2:] >= 0.5 * gap[1:-1])
 
 
 def _first_row_after(u: torch.Tensor, value: torch.Tensor, strict: torch.Tensor) -> torch.Tensor:
@@ -460,48 +510,103 @@ def _crossings(low_res, grid_y, grid_x, axis, sparse) -> List[torch.Tensor]:
     first_other = torch.minimum(torch.maximum(first_other, start + 1), (stop - 1).clamp(min=0))
     base = mask * (H * W + 1) + col * H
     keys = [(base + first_other)[crosses]]
+    sign = (mask, col, s_first, crosses, first_other)
     # Rows whose analytic value may be within the margin of zero. At a crossing whose value changes
-    # by more than twice the margin from one row to the next, only the two rows around it can be;
-    # elsewhere (an end near zero, a flat crossing, a value not finite) the rows within margin / slope.
+    # by more than twice the margin from one row to the next, only the two rows around it can be,
+    # provided the rows beyond them are at least half that step further away (not where border
+    # padding clamps several rows to one coordinate); elsewhere (an end near zero, a flat crossing,
+    # a value not finite, clamped rows) the rows within margin / slope.
     before = (first_other - 1).clamp(min=0)
-    steep = crosses & finite & ((u_y[first_other.clamp(max=H - 1)] - u_y[before]) * d.abs() > 2 * margin)
-    pairs = []
+    step = u_y[first_other.clamp(max=H - 1)] - u_y[before]
+    steep = crosses & finite & axis["regular"][before] & (step * d.abs() > 2 * margin)
+    which, rows = [], []
     for row in (before, first_other):
         near = steep & ((a0 + (u_y[row.clamp(max=H - 1)] - k) * d).abs() <= margin)
-        pairs.append((near.nonzero().flatten(), row[near]))
+        which.append(near.nonzero().flatten()), rows.append(row[near])
     gi = (~steep).nonzero().flatten()
-    if len(gi):
-        half = torch.where(finite[gi], margin[gi], torch.zeros_like(margin[gi])) / d[gi].abs()
-        lo = torch.maximum(_first_row_after(u_y, zero_at[gi] - half, torch.zeros_like(gi, dtype=torch.bool)), start[gi])
-        hi = torch.minimum(_first_row_after(u_y, zero_at[gi] + half, torch.ones_like(gi, dtype=torch.bool)), stop[gi])
-        lo = torch.where(finite[gi], lo, start[gi])
-        count = (torch.where(finite[gi], hi, stop[gi]) - lo).clamp(min=0)
-        total = int(count.sum())
-        owner = gi.repeat_interleave(count)
-        rows = lo.repeat_interleave(count) + torch.arange(total, device=dev) - (count.cumsum(0) - count).repeat_interleave(count)
-        value = a0[owner] + (u_y[rows] - k[owner]) * slope[owner]
+    if not len(gi):
+        return keys + _toggles(low_res, grid_y, grid_x, H, W, sign, torch.cat(which), torch.cat(rows))
+    half = torch.where(finite[gi], margin[gi], torch.zeros_like(margin[gi])) / d[gi].abs()
+    lo = torch.maximum(_first_row_after(u_y, zero_at[gi] - half, torch.zeros_like(gi, dtype=torch.bool)), start[gi])
+    hi = torch.minimum(_first_row_after(u_y, zero_at[gi] + half, torch.ones_like(gi, dtype=torch.bool)), stop[gi])
+    lo = torch.where(finite[gi], lo, start[gi])
+    count = (torch.where(finite[gi], hi, stop[gi]) - lo).clamp(min=0)
+    for s, e in _slices(count, BILINEAR_CHUNK):  # at most about BILINEAR_CHUNK rows at a time
+        c = count[s:e]
+        owner = gi[s:e].repeat_interleave(c)
+        at = lo[s:e].repeat_interleave(c) + torch.arange(int(c.sum()), device=dev) - (c.cumsum(0) - c).repeat_interleave(c)
+        value = a0[owner] + (u_y[at] - k[owner]) * slope[owner]
         near = (value.abs() <= margin[owner]) | ~finite[owner]
-        pairs.append((owner[near], rows[near]))
-    which, rows = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    total = len(which)
-    if not total:
-        return keys
-    # The sign the boundaries above give each of these pixels, against grid_sample's own.
+        which.append(owner[near]), rows.append(at[near])
+        if sum(len(w) for w in which) >= BILINEAR_CHUNK:
+            keys += _toggles(low_res, grid_y, grid_x, H, W, sign, torch.cat(which), torch.cat(rows))
+            which, rows = [], []
+    if which:
+        keys += _toggles(low_res, grid_y, grid_x, H, W, sign, torch.cat(which), torch.cat(rows))
+    return keys
+
+
+def _slices(count: torch.Tensor, budget: int) -> List[Tuple[int, int]]:
+    """Consecutive ranges [s, e) of `count` whose sums are at most `budget` plus one element."""
+    ends = count.cumsum(0)
+    total = int(ends[-1]) if len(ends) else 0
+    if total <= budget:
+        return [(0, len(count))] if len(count) else []
+    cuts = torch.searchsorted(ends, torch.arange(budget, total, budget, device=ends.device), right=True).tolist()
+    bounds = [0] + cuts + [len(count)]
+    return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+def _toggles(low_res, grid_y, grid_x, H, W, sign, which, rows) -> List[torch.Tensor]:
+    """Pairs of boundary keys that toggle the pixels (entry `which`, row `rows`) whose sign
+    grid_sample gives otherwise than the boundaries found so far. One grid holds every mask's pixels,
+    padded to the most any mask has, where that fits in BILINEAR_CHUNK; otherwise masks with similar
+    numbers of pixels are sampled together, so that a grid holds at most about twice its pixels."""
+    mask, col, s_first, crosses, first_other = sign
+    if not len(which):
+        return []
+    dev = low_res.device
+    n_masks = low_res.shape[0]
     analytic = s_first[which] ^ (crosses[which] & (rows >= first_other[which]))
     pm, pc = mask[which], col[which]
-    order = torch.argsort(pm, stable=True)
+    per_mask = torch.bincount(pm, minlength=n_masks)
+    if n_masks * int(per_mask.max()) <= BILINEAR_CHUNK:  # the usual case: one grid over all masks
+        groups, members = [None], [torch.arange(n_masks, device=dev)]
+        row_of = members[0]
+    else:
+        present = per_mask.nonzero().flatten()
+        groups = _size_groups(per_mask[present].tolist(), [1] * len(present), BILINEAR_CHUNK)
+        group_of, row_of = torch.zeros_like(per_mask), torch.zeros_like(per_mask)
+        members = []
+        for g, group in enumerate(groups):
+            ids = present[torch.tensor(sorted(group), device=dev)]
+            group_of[ids], row_of[ids] = g, torch.arange(len(ids), device=dev)
+            members.append(ids)
+    if len(groups) == 1:  # masks in their own order
+        order, offset = torch.argsort(pm, stable=True), per_mask.cumsum(0) - per_mask
+    else:  # by group, then by mask
+        order = torch.argsort(group_of[pm] * n_masks + pm, stable=True)
+        ranked = torch.argsort(group_of * n_masks + torch.arange(n_masks, device=dev))
+        offset = torch.empty_like(per_mask)
+        offset[ranked] = per_mask[ranked].cumsum(0) - per_mask[ranked]
     pm, pc, rows, analytic = pm[order], pc[order], rows[order], analytic[order]
-    per_mask = torch.bincount(pm, minlength=low_res.shape[0])
-    slot = torch.arange(total, device=dev) - (per_mask.cumsum(0) - per_mask)[pm]
-    grid = torch.zeros((low_res.shape[0], 1, int(per_mask.max()), 2), device=dev)
-    grid[pm, 0, slot, 0] = grid_x[pc]
-    grid[pm, 0, slot, 1] = grid_y[rows]
-    sampled = F.grid_sample(low_res.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    wrong = (sampled[pm, 0, 0, slot] > 0) != analytic
-    if bool(wrong.any()):
-        flip = pm[wrong] * (H * W + 1) + pc[wrong] * H + rows[wrong]
-        keys += [flip, flip + 1]  # a pixel toggled: a boundary before and after it (pairs cancel below)
-    return keys
+    slot = torch.arange(len(pm), device=dev) - offset[pm]
+    in_group = [len(pm)] if len(groups) == 1 else torch.bincount(group_of[pm], minlength=len(groups)).tolist()
+    wrong, s = [], 0
+    for ids, n in zip(members, in_group):
+        gm, gs, e = row_of[pm[s:s + n]], slot[s:s + n], s + n
+        grid = torch.zeros((len(ids), 1, int(per_mask[ids].max()), 2), device=dev)
+        grid[gm, 0, gs, 0] = grid_x[pc[s:e]]
+        grid[gm, 0, gs, 1] = grid_y[rows[s:e]]
+        source = low_res if len(ids) == n_masks else low_res[ids]
+        sampled = F.grid_sample(source.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        wrong.append((sampled[gm, 0, 0, gs] > 0) != analytic[s:e])
+        s = e
+    wrong = torch.cat(wrong)
+    if not bool(wrong.any()):
+        return []
+    flip = pm[wrong] * (H * W + 1) + pc[wrong] * H + rows[wrong]
+    return [flip, flip + 1]  # a pixel toggled: a boundary before and after it (pairs cancel below)
 
 
 def _counts_from_boundaries(keys: torch.Tensor, n_masks: int, area: int) -> Tuple[torch.Tensor, torch.Tensor]:

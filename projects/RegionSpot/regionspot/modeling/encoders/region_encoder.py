@@ -17,7 +17,7 @@ from detectron2.utils.logger import log_first_n
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ...mask_rle import bilinear_pays_off, bilinear_run_lengths, run_lengths
+from ...mask_rle import bilinear_pays_off, bilinear_run_lengths, has_float64, run_lengths
 from ...structures import RunLengthMasks
 from ...utils.weights import load_weights_file
 
@@ -222,8 +222,9 @@ class RegionEncoderBase(nn.Module):
             rows, cols = self._upsample_stages(input_size, original_size)
         # (N, n) flags are small: the reach is computed on the host, in float64 (which not every
         # accelerator has).
-        y0, y1 = _reach(active.any(dim=2).cpu(), rows)
-        x0, x1 = _reach(active.any(dim=1).cpu(), cols)
+        flags = active.view(torch.uint8)  # amax over bytes: several times faster than any() on a CPU
+        y0, y1 = _reach(flags.amax(dim=2).bool().cpu(), rows)
+        x0, x1 = _reach(flags.amax(dim=1).bool().cpu(), cols)
         empty = (y1 <= y0) | (x1 <= x0)
         windows = torch.stack([y0, y1, x0, x1], dim=1)
         return torch.where(empty[:, None], torch.zeros_like(windows), windows).to(low_res.device)
@@ -246,12 +247,12 @@ class RegionEncoderBase(nn.Module):
         The fast paste's runs come straight from the low-res logits (`bilinear_run_lengths`: per
         column and low-res cell, where the interpolated value crosses the threshold), pixel for
         pixel those of `paste_masks(fast=True)` without any (N, H, W) buffer. Otherwise (the plain
-        paste, a threshold other than 0) the masks are pasted and then encoded. `windows`: those
-        of `mask_windows(..., fast)` when the caller has them.
+        paste, a threshold other than 0, a device without float64) the masks are pasted and then
+        encoded. `windows`: those of `mask_windows(..., fast)` when the caller has them.
         """
         if windows is None:
             windows = self.mask_windows(low_res, input_size, original_size, fast=fast)
-        if fast and self.mask_threshold == 0 and min(low_res.shape[-2:]) >= 2:
+        if fast and self.mask_threshold == 0 and min(low_res.shape[-2:]) >= 2 and has_float64(low_res.device):
             gy, gx = self._fast_grid(input_size, original_size, low_res.device)
             counts, lengths = bilinear_run_lengths(low_res, windows, gy, gx)
         else:
@@ -262,9 +263,10 @@ class RegionEncoderBase(nn.Module):
     def run_lengths_pay_off(self, low_res: torch.Tensor, input_size: Tuple[int, int],
                             original_size: Tuple[int, int], windows: torch.Tensor) -> bool:
         """Whether `paste_masks_rle` is the cheaper way to these masks' run lengths than pasting
-        them (see `bilinear_pays_off`); always on accelerators, where it never needs (N, H, W)."""
+        them (see `bilinear_pays_off`); always on accelerators with float64, where it never needs
+        (N, H, W)."""
         if low_res.device.type != "cpu":
-            return True
+            return has_float64(low_res.device)
         columns_per_cell = self.image_size / (input_size[1] / original_size[1]) / low_res.shape[-1]
         return bilinear_pays_off(low_res, windows, original_size, columns_per_cell)
 
