@@ -27,7 +27,7 @@ def test_dense_views_and_selection():
     rle = _rle(masks)
     assert len(rle) == 6 and rle.shape == masks.shape
     assert torch.equal(rle.tensor, masks) and np.array_equal(np.asarray(rle), masks.numpy())
-    for i in (0, 3, -1):
+    for i in (0, 3, -1, np.int64(2), torch.tensor(4)):  # one mask, whatever kind of integer picks it
         assert torch.equal(rle[i], masks[i])
     assert torch.equal(torch.stack(list(rle)), masks)
     index = torch.tensor([4, 1, 4, 0])
@@ -63,7 +63,8 @@ def test_shared_run_length_masks_in_instances():
     inst.pred_masks = IndexedMasks(_rle(masks), index)
     assert torch.equal(inst.pred_masks.tensor, masks[index])
     assert torch.equal(inst[1:3].pred_masks.tensor, masks[index[1:3]])
-    assert torch.equal(inst.pred_masks[2], masks[2])
+    for i in (2, np.int64(2), torch.tensor(2)):
+        assert torch.equal(inst.pred_masks[i], masks[2])
     joined = Instances.cat([inst, inst[torch.tensor([3])]])
     assert torch.equal(joined.pred_masks.tensor, masks[torch.tensor([2, 0, 2, 1, 1])])
     assert np.array_equal(inst.pred_masks.cpu().numpy(), masks[index].numpy())

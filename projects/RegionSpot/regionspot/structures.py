@@ -7,13 +7,20 @@ import torch
 from .mask_rle import compress_counts, decode_run_lengths
 
 
+def _is_scalar(item) -> bool:
+    """An index that picks one mask, as it does for a tensor: a Python, NumPy or 0-d tensor integer."""
+    return (isinstance(item, (int, np.integer)) and not isinstance(item, bool)) or (
+        isinstance(item, torch.Tensor) and item.ndim == 0 and not item.is_floating_point() and item.dtype != torch.bool)
+
+
 class RunLengthMasks:
     """N boolean (H, W) masks as COCO run lengths: per mask, counts of alternating runs of False
     and True pixels in column-major order (the first run is False, possibly empty), as
     `regionspot.mask_rle.run_lengths` gives them.
 
-    What the evaluation's mask paste produces (`RegionEncoderBase.paste_masks_rle`): a few
-    kilobytes per image where (N, H, W) booleans take tens of megabytes, and the evaluator's COCO
+    What the evaluation's mask paste produces (`RegionEncoderBase.paste_masks_rle`): for masks of
+    objects, a few kilobytes per image where (N, H, W) booleans take tens of megabytes (8 bytes a
+    run: noise-like masks can take more), and the evaluator's COCO
     strings come from the counts without touching a pixel. Indexing a single mask, `tensor`,
     `np.asarray` and iteration give dense masks, for `Visualizer` and other pixel consumers.
     """
@@ -58,7 +65,7 @@ class RunLengthMasks:
         return RunLengthMasks(self.counts[torch.repeat_interleave(starts, lengths) + within], lengths, self.size)
 
     def __getitem__(self, item) -> Union[torch.Tensor, "RunLengthMasks"]:
-        if isinstance(item, int) or (isinstance(item, torch.Tensor) and item.ndim == 0):
+        if _is_scalar(item):
             i = int(item)
             if not -len(self) <= i < len(self):
                 raise IndexError(f"mask {i} of {len(self)}")
@@ -142,8 +149,8 @@ class IndexedMasks:
         return self.index.numel()
 
     def __getitem__(self, item) -> Union[torch.Tensor, "IndexedMasks"]:
-        if isinstance(item, int):
-            return self.masks[int(self.index[item])]
+        if _is_scalar(item):
+            return self.masks[int(self.index[int(item)])]
         return IndexedMasks(self.masks, self.index[item], self.windows)
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -284,8 +284,9 @@ class RegionPipeline(nn.Module):
                         index: torch.Tensor) -> IndexedMasks:
         """Masks at `out_size` of the kept boxes' low-res logits, mask `index[i]` for detection i:
         run lengths found from the logits on their device (`paste_masks_rle`), or, for masks so
-        noisy that pasting is cheaper (random SAM weights; `run_lengths_pay_off`), (N, H, W)
-        pastes with their windows, which the evaluator encodes."""
+        noisy that pasting is cheaper (random SAM weights; `run_lengths_pay_off`) and for the plain
+        paste (`FAST_MASK_PASTE False`), (N, H, W) pastes with their windows, which the evaluator
+        encodes."""
         enc, fast = self.sam_encoder, self.fast_mask_paste
         windows = enc.mask_windows(low_res, input_size, out_size, fast)
         if fast and enc.run_lengths_pay_off(low_res, input_size, out_size, windows):
