@@ -19,10 +19,11 @@ log (config, model, metrics, tables) goes to OUTPUT_DIR/log.txt. --verbose print
 import os
 
 import regionspot  # noqa: F401  (registers the meta-architecture and datasets)
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from regionspot.engine import lazy_engine
+from regionspot.engine.launch import launch
 from regionspot.checkpoint import RegionSpotCheckpointer
 from regionspot.config import get_regionspot_cfg
 from regionspot.utils.console import ProgressBar, setup_run_logging

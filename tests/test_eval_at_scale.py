@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 from detectron2.structures import Boxes, Instances
 
 import train_net
 from regionspot import RegionSpot
 from regionspot import evaluation_results as shards
+from regionspot.engine.launch import launch
 from regionspot.engine.trainer import RegionSpotTrainer
 from regionspot.evaluation import (RegionSpotCOCOEvaluator, RegionSpotLVISEvaluator, instances_to_json,
                                    patch_lvis_for_numpy2)

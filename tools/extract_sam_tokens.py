@@ -13,9 +13,10 @@ import sys
 
 import regionspot  # noqa: F401  (registers datasets)
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from regionspot.config import get_regionspot_cfg
+from regionspot.engine.launch import launch
 from regionspot.utils.console import setup_run_logging
 from regionspot.utils.file_io import OutputPathError, check_output_dir
 from regionspot.modeling.encoders import build_sam_encoder

@@ -6,7 +6,6 @@ import socket
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
-from detectron2.engine import launch
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
@@ -15,6 +14,7 @@ from regionspot.modeling.encoders.sam_encoder import SamRegionEncoder, build_sam
 from regionspot.data.synthetic import make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import ExtractionSummary, extract_tokens, shard_of
+from regionspot.engine.launch import launch
 
 from conftest import TINY_CONFIG, tiny_cfg, load_tool
 

@@ -13,7 +13,7 @@ from detectron2.data import build as d2_data_build
 from detectron2.data.detection_utils import read_image
 from detectron2.data import transforms as T
 from detectron2.data.samplers import RepeatFactorTrainingSampler
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 
@@ -23,6 +23,7 @@ from regionspot.data.dataset_mapper import RegionSpotDatasetMapper
 from regionspot.data.synthetic import DEFAULT_CLASSES, make_synthetic_lvis, register_synthetic_lvis
 from regionspot.data.token_cache import CorruptTokenFile, load_tokens, token_cache_folder, token_file
 from regionspot.data.token_extraction import extract_tokens
+from regionspot.engine.launch import launch
 from regionspot.engine.trainer import MultiDatasetLoader, RegionSpotTrainer
 
 from conftest import TINY_CONFIG, tiny_cfg
