@@ -92,6 +92,9 @@ def test_result_shapes_types_and_instances(predictor):
     records = res.cpu().to_records()
     assert records[1]["box"] == [0, 5, 60, H] and len(records[0]["alternatives"]) == 3
     assert len(res[res.scores > 2]) == 0 and len(res[1]) == 1
+    one = res[np.int64(1)]  # a NumPy integer picks one region too, every field alike
+    assert len(one) == 1 and torch.equal(one.boxes, res.boxes[1:]) and torch.equal(one.masks, res.masks[1:])
+    assert repr(one).startswith("RegionResults(num_regions=1,") and one.class_names == res.class_names[1:]
     assert predictor.predict(boxes=[[30, 20, 80, 60]], vocabulary=VOCAB, return_masks=False).masks is None
 
 

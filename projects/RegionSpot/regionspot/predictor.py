@@ -6,7 +6,7 @@ embeddings are cached per vocabulary, so switching vocabularies costs nothing af
 """
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
+from regionspot_deploy.results import RegionResultsBase
 from tqdm import tqdm
 
 from .checkpoint import RegionSpotCheckpointer
@@ -48,8 +49,8 @@ class ImageFeatures:
     transform: T.Transform  # the test-time resize (INPUT.MIN_SIZE_TEST): original -> encoded pixels
 
 
-@dataclass
-class RegionResults:
+@dataclass(repr=False)
+class RegionResults(RegionResultsBase):
     """What `RegionSpotPredictor.predict` found: one entry per kept prompt, best class first.
 
     Tensors live on the model's device until `.cpu()` / `.to()`. Prompts whose box had no area
@@ -65,45 +66,11 @@ class RegionResults:
     vocabulary: List[str]
     class_scores: Optional[torch.Tensor] = None  # (N, C) scores of every class (for `to_detections`)
 
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def classes(self) -> torch.Tensor:
-        """(N,) index of the best class of each region."""
-        return self.topk_classes[:, 0]
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """(N,) score of the best class of each region."""
-        return self.topk_scores[:, 0]
-
-    @property
-    def class_names(self) -> List[str]:
-        return [self.vocabulary[i] for i in self.classes.tolist()]
-
-    @property
-    def topk_names(self) -> List[List[str]]:
-        return [[self.vocabulary[i] for i in row] for row in self.topk_classes.tolist()]
-
-    def __getitem__(self, item) -> "RegionResults":
-        """A subset of the regions: an int, a slice, an index tensor or a boolean mask."""
-        if isinstance(item, int):
-            item = slice(item, item + 1 if item != -1 else None)
-        if isinstance(item, torch.Tensor):
-            item = item.to(self.boxes.device)
-        return RegionResults(
-            self.image_size, self.boxes[item], None if self.masks is None else self.masks[item],
-            self.topk_classes[item], self.topk_scores[item], self.prompt_indices[item], self.vocabulary,
-            None if self.class_scores is None else self.class_scores[item],
-        )
+    def _index(self, item):
+        return item.to(self.boxes.device) if isinstance(item, torch.Tensor) else item
 
     def to(self, device: Union[str, torch.device]) -> "RegionResults":
-        return RegionResults(
-            self.image_size, self.boxes.to(device), None if self.masks is None else self.masks.to(device),
-            self.topk_classes.to(device), self.topk_scores.to(device), self.prompt_indices.to(device),
-            self.vocabulary, None if self.class_scores is None else self.class_scores.to(device),
-        )
+        return self._apply(lambda x: x.to(device))
 
     def cpu(self) -> "RegionResults":
         return self.to("cpu")
@@ -160,21 +127,6 @@ class RegionResults:
             inst.pred_masks = IndexedMasks(self.masks, region)
         inst.prompt_indices = self.prompt_indices[region]
         return inst
-
-    def to_records(self) -> List[Dict]:
-        """Plain-Python summaries of the regions (no masks), e.g. to print or to save as JSON."""
-        return [
-            {"prompt_index": p, "box": b, "class": n, "score": s,
-             "alternatives": [[self.vocabulary[c], v] for c, v in zip(tc, ts)]}
-            for p, b, n, s, tc, ts in zip(
-                self.prompt_indices.tolist(), self.boxes.tolist(), self.class_names,
-                self.scores.tolist(), self.topk_classes.tolist(), self.topk_scores.tolist(),
-            )
-        ]
-
-    def __repr__(self) -> str:
-        return (f"RegionResults(num_regions={len(self)}, image_size={self.image_size}, "
-                f"top_k={self.topk_classes.shape[1]}, vocabulary_size={len(self.vocabulary)})")
 
 
 def _to_float_tensor(x: ArrayLike, name: str, device: torch.device) -> torch.Tensor:

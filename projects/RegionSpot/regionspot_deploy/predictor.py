@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from . import preprocess as pp
 from .manifest import FolderError, load_manifest
+from .results import RegionResultsBase
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ ImageLike = Union[np.ndarray, Image.Image, str]
 VocabularyLike = Union[None, str, Sequence[Union[str, Sequence[str]]]]
 
 
-@dataclass
-class RegionResults:
+@dataclass(repr=False)
+class RegionResults(RegionResultsBase):
     """What `predict` found, one entry per kept prompt, best class first (numpy arrays).
 
     Prompts whose box had no area inside the image are dropped; `prompt_indices` maps each entry
@@ -40,45 +41,6 @@ class RegionResults:
     prompt_indices: np.ndarray  # (N,) int64
     vocabulary: List[str]
     class_scores: Optional[np.ndarray] = None  # (N, C) scores of every class
-
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
-
-    @property
-    def classes(self) -> np.ndarray:
-        return self.topk_classes[:, 0]
-
-    @property
-    def scores(self) -> np.ndarray:
-        return self.topk_scores[:, 0]
-
-    @property
-    def class_names(self) -> List[str]:
-        return [self.vocabulary[i] for i in self.classes.tolist()]
-
-    @property
-    def topk_names(self) -> List[List[str]]:
-        return [[self.vocabulary[i] for i in row] for row in self.topk_classes.tolist()]
-
-    def __getitem__(self, item) -> "RegionResults":
-        if isinstance(item, (int, np.integer)):
-            item = slice(item, item + 1 if item != -1 else None)
-        return RegionResults(self.image_size, self.boxes[item], None if self.masks is None else self.masks[item],
-                             self.topk_classes[item], self.topk_scores[item], self.prompt_indices[item],
-                             self.vocabulary, None if self.class_scores is None else self.class_scores[item])
-
-    def to_records(self) -> List[Dict]:
-        """Plain-Python summaries of the regions (no masks), e.g. to print or save as JSON."""
-        return [
-            {"prompt_index": p, "box": b, "class": n, "score": s,
-             "alternatives": [[self.vocabulary[c], v] for c, v in zip(tc, ts)]}
-            for p, b, n, s, tc, ts in zip(self.prompt_indices.tolist(), self.boxes.tolist(), self.class_names,
-                                          self.scores.tolist(), self.topk_classes.tolist(), self.topk_scores.tolist())
-        ]
-
-    def __repr__(self) -> str:
-        return (f"RegionResults(num_regions={len(self)}, image_size={self.image_size}, "
-                f"top_k={self.topk_classes.shape[1]}, vocabulary_size={len(self.vocabulary)})")
 
 
 def _float_array(x, name: str) -> np.ndarray:
