@@ -1,8 +1,11 @@
 """Shared fixtures: tiny random SAM and CLIP, and a synthetic LVIS-format dataset in a temp folder."""
+import functools
+import http.server
 import importlib.util
 import json
 import os
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -58,6 +61,39 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own text-embedding cache, so cache hits are never inherited."""
     monkeypatch.setenv("REGIONSPOT_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """(folder, base URL, stop()) of an http server on 127.0.0.1 serving `folder` (tmp_path/served),
+    with proxies off and iopath's download cache isolated in tmp_path/iopath_cache."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    # iopath caches URL downloads under $FVCORE_CACHE (see iopath.common.file_io.get_cache_dir).
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "iopath_cache"))
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    stopped = []
+
+    def stop():
+        if not stopped:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            stopped.append(True)
+
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}", stop
+    stop()
+
 
 
 def tiny_cfg(*opts):

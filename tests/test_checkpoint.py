@@ -1,10 +1,7 @@
 """Checkpoints: the original release's layout, reports of what is missing, errors, saving, and
 the SAM / CLIP weight files (local paths and http URLs)."""
-import functools
-import http.server
 import logging
 import os
-import threading
 
 import pytest
 import torch
@@ -249,38 +246,6 @@ def test_save_writes_the_head_only_and_reloads(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- SAM / CLIP files
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    """(folder, base URL, stop()) of an http server on 127.0.0.1 serving `folder`."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    # iopath caches URL downloads under $FVCORE_CACHE (see iopath.common.file_io.get_cache_dir).
-    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "iopath_cache"))
-    folder = tmp_path / "served"
-    folder.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    stopped = []
-
-    def stop():
-        if not stopped:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
-            stopped.append(True)
-
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}", stop
-    stop()
-
-
 def test_sam_weights_from_path_and_url(tmp_path, http_root):
     folder, base, stop = http_root
     reference = build_sam("tiny", "random", seed=11).state_dict()

@@ -2,12 +2,9 @@
 own remaining steps turn it into `encode_image`), text as open_clip encodes it, the model's own
 normalisation after RegionSpot's squash, weights from files and URLs, and the whole RegionSpot
 model on it (tiny random open_clip models on the CPU)."""
-import functools
 import gzip
-import http.server
 import os
 import sys
-import threading
 
 import open_clip
 import pytest
@@ -254,31 +251,20 @@ def test_bad_checkpoints_name_the_key_and_the_file(tmp_path):
         build_open_clip("tiny", checkpoint=str(tmp_path / "missing.pth"), input_size=64)
 
 
-def test_checkpoint_url_is_downloaded_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "download_cache"))
-    served = tmp_path / "served"
-    served.mkdir()
+def test_checkpoint_url_is_downloaded_and_cached(tmp_path, http_root):
+    served, base, stop = http_root
     saved = build_open_clip("tiny", input_size=64, seed=7)
     torch.save(saved.state_dict(), served / "tiny_open_clip.pth")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/weights/tiny_open_clip.pth"
-        with pytest.raises(RuntimeError, match=f"{KEY}.*{url}.*404"):
-            build_open_clip("tiny", checkpoint=url, input_size=64)
-        os.makedirs(served / "weights")
-        os.replace(served / "tiny_open_clip.pth", served / "weights" / "tiny_open_clip.pth")
-        assert _same_weights(build_open_clip("tiny", checkpoint=url, input_size=64), saved)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    url = f"{base}/weights/tiny_open_clip.pth"
+    with pytest.raises(RuntimeError, match=f"{KEY}.*{url}.*404"):
+        build_open_clip("tiny", checkpoint=url, input_size=64)
+    os.makedirs(served / "weights")
+    os.replace(served / "tiny_open_clip.pth", served / "weights" / "tiny_open_clip.pth")
+    assert _same_weights(build_open_clip("tiny", checkpoint=url, input_size=64), saved)
+    stop()
     # Cached: a second build needs no server.
     assert _same_weights(build_open_clip("tiny", checkpoint=url, input_size=64), saved)
-    assert os.path.isfile(tmp_path / "download_cache" / "weights" / "tiny_open_clip.pth")
+    assert os.path.isfile(tmp_path / "iopath_cache" / "weights" / "tiny_open_clip.pth")
 
 
 # ------------------------------------------------------------------------------------ RegionSpot

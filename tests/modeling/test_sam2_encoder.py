@@ -2,10 +2,7 @@
 ("sam2_tiny") on the CPU: features, tokens and masks as the sam2 package's own image predictor
 gives them, the whole RegionSpot model on it, checkpoints, automatic-mask boxes and the missing
 extra."""
-import functools
-import http.server
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -305,29 +302,9 @@ def test_random_tiny_sam2_is_fixed_by_the_seed_and_config_builds_it():
     assert all(torch.equal(v, a[k]) for k, v in enc.sam.state_dict().items())  # the config's seed 0
 
 
-@pytest.fixture
-def http_folder(tmp_path, monkeypatch):
-    """(folder, base URL) of a 127.0.0.1 HTTP server on a temporary folder, with iopath's
-    download cache isolated."""
-    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "download_cache"))
-    folder = tmp_path / "served"
-    folder.mkdir()
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
-
-
-def test_checkpoints_load_from_a_path_or_url_and_misfits_name_the_key(tmp_path, http_folder):
+def test_checkpoints_load_from_a_path_or_url_and_misfits_name_the_key(tmp_path, http_root):
     source = build_sam2_model("sam2_tiny", seed=7).state_dict()
-    folder, base = http_folder
+    folder, base, _ = http_root
     torch.save({"model": source}, folder / "sam2_tiny_7.pt")  # the official files' layout
 
     def same(model):

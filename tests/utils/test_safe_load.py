@@ -2,13 +2,10 @@
 and the class) through every entry point that reads one, before any of their code runs; the
 files real users hold (trainer checkpoints, the original release's layout, detectron2 model-zoo
 and proposal pickles) still load; REGIONSPOT_TRUST_PICKLES=1 loads the old way."""
-import functools
 import hashlib
-import http.server
 import logging
 import os
 import pickle
-import threading
 import warnings
 
 import clip
@@ -108,7 +105,7 @@ def test_numpy_and_plain_data_load_in_both_numpy_spellings(tmp_path):
 
 
 # ------------------------------------------------------------------------------ every entry point
-def test_model_weights_pth_pkl_and_url_are_refused(tmp_path, synthetic_val, monkeypatch):
+def test_model_weights_pth_pkl_and_url_are_refused(tmp_path, synthetic_val, http_root):
     folder = tmp_path / "ran"
     pth, pkl = _hostile_pth(tmp_path / "w.pth", folder), _hostile_pkl(tmp_path / "w.pkl", folder)
     common = ("DATASETS.TEST", f'("{synthetic_val}",)', "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEVICE", "cpu")
@@ -117,25 +114,12 @@ def test_model_weights_pth_pkl_and_url_are_refused(tmp_path, synthetic_val, monk
             _eval("MODEL.WEIGHTS", path, *common)
         _assert_refused(info, path, folder, "MODEL.WEIGHTS")
 
-    served = tmp_path / "served"
-    served.mkdir()
+    served, base, _ = http_root
     _hostile_pth(served / "remote.pth", folder)
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/remote.pth"
-        with pytest.raises(UnsafeFileError) as info:
-            _eval("MODEL.WEIGHTS", url, *common)
-        _assert_refused(info, "remote.pth", folder, "MODEL.WEIGHTS", "['trainer']['hook']")
-    finally:
-        server.shutdown()
-        server.server_close()
+    url = f"{base}/remote.pth"
+    with pytest.raises(UnsafeFileError) as info:
+        _eval("MODEL.WEIGHTS", url, *common)
+    _assert_refused(info, "remote.pth", folder, "MODEL.WEIGHTS", "['trainer']['hook']")
 
 
 def test_sam_checkpoint_is_refused(tmp_path, synthetic_val):
