@@ -261,16 +261,21 @@ def test_two_cpu_processes_write_their_shards_and_rank0_evaluates(synthetic_val,
     assert len(two) > 0 and sorted(map(key, two)) == sorted(map(key, _results(tmp_path / "one", name)))
 
 
-def test_lazy_config_eval_resumes_too(synthetic_val, oracle, tmp_path, count_images):
+def _lazy_eval(dataset, output_dir, checkpoint, per_shard, resume=False):
+    """`train_net.main` on the tiny LazyConfig, --eval-only (and --resume)."""
     from conftest import CONFIG_DIR
 
+    return train_net.main(default_argument_parser().parse_args(
+        ["--config-file", os.path.join(CONFIG_DIR, "lazy", "RegionSpot-tiny_synthetic.py"), "--eval-only"]
+        + (["--resume"] if resume else [])
+        + [f"dataloader.test.dataset.name={dataset}", f"train.init_checkpoint={checkpoint}",
+           f"train.output_dir={output_dir}", f"dataloader.evaluator.images_per_shard={per_shard}",
+           "model.sam.checkpoint=random", "model.clip.checkpoint=random", "model.clip.input_size=128"]))
+
+
+def test_lazy_config_eval_resumes_too(synthetic_val, oracle, tmp_path, count_images):
     def run(resume=False):
-        return train_net.main(default_argument_parser().parse_args(
-            ["--config-file", os.path.join(CONFIG_DIR, "lazy", "RegionSpot-tiny_synthetic.py"), "--eval-only"]
-            + (["--resume"] if resume else [])
-            + [f"dataloader.test.dataset.name={synthetic_val}", f"train.init_checkpoint={oracle}",
-               f"train.output_dir={tmp_path}", "dataloader.evaluator.images_per_shard=2",
-               "model.sam.checkpoint=random", "model.clip.checkpoint=random", "model.clip.input_size=128"]))
+        return _lazy_eval(synthetic_val, tmp_path, oracle, 2, resume)
 
     count_images.fail_after = 3  # images 1-2 complete, image 3's shard open
     with pytest.raises(KeyboardInterrupt):
@@ -283,22 +288,12 @@ def test_lazy_config_eval_resumes_too(synthetic_val, oracle, tmp_path, count_ima
 
 
 def test_lazy_config_resume_of_another_checkpoint_is_refused(synthetic_val, oracle, tmp_path, count_images):
-    from conftest import CONFIG_DIR
-
-    def run(checkpoint, resume=False):
-        return train_net.main(default_argument_parser().parse_args(
-            ["--config-file", os.path.join(CONFIG_DIR, "lazy", "RegionSpot-tiny_synthetic.py"), "--eval-only"]
-            + (["--resume"] if resume else [])
-            + [f"dataloader.test.dataset.name={synthetic_val}", f"train.init_checkpoint={checkpoint}",
-               f"train.output_dir={tmp_path}", "dataloader.evaluator.images_per_shard=1",
-               "model.sam.checkpoint=random", "model.clip.checkpoint=random", "model.clip.input_size=128"]))
-
     count_images.fail_after = 2
     with pytest.raises(KeyboardInterrupt):
-        run(oracle)
+        _lazy_eval(synthetic_val, tmp_path, oracle, 1)
     count_images.fail_after = None
     with pytest.raises(ValueError, match="another configuration"):
-        run("", resume=True)
+        _lazy_eval(synthetic_val, tmp_path, "", 1, resume=True)
 
 
 def test_eval_resume_with_empty_weights_beside_a_trained_checkpoint_is_refused(synthetic_val, tmp_path, count_images):
